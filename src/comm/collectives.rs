@@ -1,0 +1,117 @@
+//! Collectives over point-to-point messages. Deterministic: the order of every floating-point
+//! addition depends only on (rank, world size, length), never on timing.
+
+use super::{bytes_to_f32s, f32s_to_bytes, Communicator};
+use anyhow::{ensure, Context, Result};
+use std::ops::Range;
+
+/// The P contiguous chunks a ring all-reduce splits `len` values into (sizes differ by at most one).
+pub fn ring_chunks(len: usize, world: usize) -> Vec<Range<usize>> {
+    let base = len / world;
+    let extra = len % world;
+    let mut start = 0;
+    (0..world)
+        .map(|c| {
+            let n = base + usize::from(c < extra);
+            let r = start..start + n;
+            start += n;
+            r
+        })
+        .collect()
+}
+
+pub(super) fn ring_all_reduce<C: Communicator + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
+    let (rank, world) = (c.rank(), c.world_size());
+    if world == 1 {
+        return Ok(());
+    }
+    let chunks = ring_chunks(buf.len(), world);
+    let right = (rank + 1) % world;
+    let left = (rank + world - 1) % world;
+    // Reduce-scatter: after P-1 steps rank r holds the full sum of chunk (r + 1) mod P.
+    for step in 0..world - 1 {
+        let send_c = (rank + world - step) % world;
+        let recv_c = (rank + world - step - 1) % world;
+        c.send(right, &f32s_to_bytes(&buf[chunks[send_c].clone()]))?;
+        let got = bytes_to_f32s(&c.recv(left)?)?;
+        let dst = &mut buf[chunks[recv_c].clone()];
+        ensure!(
+            got.len() == dst.len(),
+            "all-reduce: rank {left} sent {} values, expected {}",
+            got.len(),
+            dst.len()
+        );
+        for (d, g) in dst.iter_mut().zip(got) {
+            *d += g;
+        }
+    }
+    // All-gather of the reduced chunks: copies, so every rank ends with the same bits.
+    for step in 0..world - 1 {
+        let send_c = (rank + 1 + world - step) % world;
+        let recv_c = (rank + world - step) % world;
+        c.send(right, &f32s_to_bytes(&buf[chunks[send_c].clone()]))?;
+        let got = bytes_to_f32s(&c.recv(left)?)?;
+        let dst = &mut buf[chunks[recv_c].clone()];
+        ensure!(
+            got.len() == dst.len(),
+            "all-reduce: rank {left} sent {} values, expected {}",
+            got.len(),
+            dst.len()
+        );
+        dst.copy_from_slice(&got);
+    }
+    Ok(())
+}
+
+pub(super) fn ring_all_gather<C: Communicator + ?Sized>(c: &mut C, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let (rank, world) = (c.rank(), c.world_size());
+    let mut out: Vec<Vec<u8>> = vec![Vec::new(); world];
+    out[rank] = msg.to_vec();
+    let right = (rank + 1) % world;
+    let left = (rank + world - 1) % world;
+    for step in 0..world.saturating_sub(1) {
+        let send_from = (rank + world - step) % world;
+        let recv_from = (rank + world - step - 1) % world;
+        let m = std::mem::take(&mut out[send_from]);
+        c.send(right, &m)?;
+        out[send_from] = m;
+        out[recv_from] = c
+            .recv(left)
+            .with_context(|| format!("all-gather: piece of rank {recv_from}"))?;
+    }
+    Ok(out)
+}
+
+/// Binomial-tree broadcast schedule: `(from, to)` pairs per round, ranks relative to `root`.
+pub fn broadcast_schedule(world: usize, root: usize) -> Vec<Vec<(usize, usize)>> {
+    let mut rounds = Vec::new();
+    let mut span = 1;
+    while span < world {
+        let round = (0..span)
+            .filter(|v| v + span < world)
+            .map(|v| ((v + root) % world, (v + span + root) % world))
+            .collect();
+        rounds.push(round);
+        span *= 2;
+    }
+    rounds
+}
+
+pub(super) fn tree_broadcast<C: Communicator + ?Sized>(c: &mut C, root: usize, msg: &mut Vec<u8>) -> Result<()> {
+    let rank = c.rank();
+    ensure!(
+        root < c.world_size(),
+        "broadcast root {root} outside world of {}",
+        c.world_size()
+    );
+    for round in broadcast_schedule(c.world_size(), root) {
+        for (from, to) in round {
+            if from == rank {
+                c.send(to, msg)?;
+            } else if to == rank {
+                *msg = c.recv(from).with_context(|| format!("broadcast from root {root}"))?;
+            }
+        }
+    }
+    Ok(())
+}

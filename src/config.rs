@@ -1,0 +1,552 @@
+//! The TOML schema of a training job. Unknown keys are rejected by serde; every semantic check
+//! below names the key at fault and what is allowed, so a user can fix a config without reading code.
+
+use crate::sparse::{GtopkAlgo, Method, ResidualPolicy, Scope, Wire};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Shown in logs and plot legends.
+    #[serde(default = "default_name")]
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub dist: DistConfig,
+    #[serde(default)]
+    pub sparse: SparseConfig,
+    #[serde(default)]
+    pub debug: DebugConfig,
+}
+
+fn default_name() -> String {
+    "run".into()
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arch {
+    Resnet20,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// A safetensors file with the model's parameter names (a PyTorch state dict loads as is).
+    #[serde(default)]
+    pub init_from: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataSource {
+    /// Generated from the seed; needs no download.
+    Synthetic,
+    /// The CIFAR-10 binary version in `data.dir`.
+    Cifar10,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: DataSource,
+    #[serde(default)]
+    pub dir: Option<String>,
+    #[serde(default = "yes")]
+    pub augment: bool,
+    #[serde(default = "default_synth_train")]
+    pub synthetic_train: usize,
+    #[serde(default = "default_synth_test")]
+    pub synthetic_test: usize,
+    /// Side of the synthetic images (32 is CIFAR's; smaller is faster, for tests and smoke runs).
+    #[serde(default = "default_synth_side")]
+    pub synthetic_side: usize,
+}
+
+fn default_synth_side() -> usize {
+    32
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_synth_train() -> usize {
+    8192
+}
+fn default_synth_test() -> usize {
+    1024
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNonfinite {
+    #[default]
+    Error,
+    SkipStep,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Total batch over all workers (the paper's B = P b).
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub dampening: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Linear warm-up from lr / P to lr over this many epochs (the authors' CIFAR recipe uses 10).
+    #[serde(default)]
+    pub warmup_epochs: f64,
+    /// Epochs at which the lr is multiplied by `lr_decay_factor`.
+    #[serde(default)]
+    pub lr_decay_epochs: Vec<usize>,
+    #[serde(default = "default_decay")]
+    pub lr_decay_factor: f64,
+    /// Stop after this many steps in all (0: run every epoch).
+    #[serde(default)]
+    pub max_steps: usize,
+    /// Max-norm clipping of the aggregated update (0: off).
+    #[serde(default)]
+    pub clip_norm: f64,
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Evaluate on the test split every this many epochs (0: only at the end).
+    #[serde(default = "one")]
+    pub eval_every_epochs: usize,
+    /// Checkpoint every this many steps (0: at the end only).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// How many published checkpoints to keep (the newest ones).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+    #[serde(default)]
+    pub on_nonfinite: OnNonfinite,
+}
+
+fn default_decay() -> f64 {
+    0.1
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_keep() -> usize {
+    2
+}
+fn one() -> usize {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// Workers as threads of this process.
+    #[default]
+    Local,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistConfig {
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    #[serde(default)]
+    pub backend: Backend,
+    /// Seconds a worker waits for a peer before it gives up with an error naming the peer.
+    #[serde(default = "default_timeout")]
+    pub timeout: f64,
+}
+
+fn default_workers() -> usize {
+    1
+}
+fn default_timeout() -> f64 {
+    60.0
+}
+
+impl Default for DistConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_workers(),
+            backend: Backend::Local,
+            timeout: default_timeout(),
+        }
+    }
+}
+
+/// `sparse.density`: one number, a per-epoch list (the last value holds afterwards), or a preset.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Density {
+    Fixed(f64),
+    PerEpoch(Vec<f64>),
+    Preset(String),
+}
+
+impl Density {
+    pub const PRESETS: [(&'static str, &'static [f64]); 2] = [
+        ("authors", &[0.004, 0.001]),
+        ("dgc", &[0.25, 0.0625, 0.015625, 0.004, 0.001]),
+    ];
+
+    pub fn schedule(&self) -> Result<Vec<f64>> {
+        Ok(match self {
+            Density::Fixed(d) => vec![*d],
+            Density::PerEpoch(v) => v.clone(),
+            Density::Preset(name) => match Self::PRESETS.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => v.to_vec(),
+                None => bail!(
+                    "sparse.density = \"{name}\": unknown preset; allowed: a number in (0, 1], a list of them, \"authors\" or \"dgc\""
+                ),
+            },
+        })
+    }
+
+    pub fn at_epoch(&self, epoch: usize) -> f64 {
+        let s = self.schedule().expect("validated");
+        s[epoch.min(s.len() - 1)]
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SparseConfig {
+    #[serde(default = "default_method")]
+    pub method: Method,
+    #[serde(default = "default_density")]
+    pub density: Density,
+    #[serde(default = "default_scope")]
+    pub scope: Scope,
+    #[serde(default = "default_gtopk")]
+    pub gtopk: GtopkAlgo,
+    #[serde(default = "default_policy")]
+    pub residual_policy: ResidualPolicy,
+    #[serde(default)]
+    pub momentum_correction: bool,
+    /// Measure delta (Assumption 1) every this many steps (0: off).
+    #[serde(default)]
+    pub delta_every: usize,
+    #[serde(default = "default_wire")]
+    pub wire: Wire,
+}
+
+fn default_method() -> Method {
+    Method::Dense
+}
+fn default_density() -> Density {
+    Density::Fixed(0.001)
+}
+fn default_scope() -> Scope {
+    Scope::Model
+}
+fn default_gtopk() -> GtopkAlgo {
+    GtopkAlgo::Tree
+}
+fn default_policy() -> ResidualPolicy {
+    ResidualPolicy::Conserve
+}
+fn default_wire() -> Wire {
+    Wire::F32
+}
+
+impl Default for SparseConfig {
+    fn default() -> Self {
+        Self {
+            method: default_method(),
+            density: default_density(),
+            scope: default_scope(),
+            gtopk: default_gtopk(),
+            residual_policy: default_policy(),
+            momentum_correction: false,
+            delta_every: 0,
+            wire: default_wire(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DebugConfig {
+    /// Assert sum_p acc_p == global + sum_p residual_p every step (extra all-reduces).
+    #[serde(default)]
+    pub check_conservation: bool,
+}
+
+impl Config {
+    /// Reads `path`, applies `--set key=value` overrides, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text, overrides).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        let cfg: Config = toml::Value::Table(table).try_into()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let p = self.dist.workers;
+        let mut errs = Vec::new();
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                errs.push(msg)
+            }
+        };
+        need(p >= 1, format!("dist.workers = {p}: must be at least 1"));
+        need(
+            t.epochs >= 1,
+            format!("train.epochs = {}: must be at least 1", t.epochs),
+        );
+        need(
+            t.batch_size >= 1,
+            format!("train.batch_size = {}: must be at least 1", t.batch_size),
+        );
+        need(
+            p == 0 || t.batch_size.is_multiple_of(p),
+            format!(
+                "train.batch_size = {} is not divisible by dist.workers = {p}",
+                t.batch_size
+            ),
+        );
+        need(
+            t.lr > 0.0 && t.lr.is_finite(),
+            format!("train.lr = {}: must be a positive number", t.lr),
+        );
+        need(
+            (0.0..1.0).contains(&t.momentum),
+            format!("train.momentum = {}: allowed [0, 1)", t.momentum),
+        );
+        need(
+            (0.0..1.0).contains(&t.dampening),
+            format!("train.dampening = {}: allowed [0, 1)", t.dampening),
+        );
+        need(
+            !t.nesterov || (t.momentum > 0.0 && t.dampening == 0.0),
+            "train.nesterov = true needs train.momentum > 0 and train.dampening = 0".into(),
+        );
+        need(
+            t.weight_decay >= 0.0,
+            format!("train.weight_decay = {}: must be >= 0", t.weight_decay),
+        );
+        need(
+            t.warmup_epochs >= 0.0,
+            format!("train.warmup_epochs = {}: must be >= 0", t.warmup_epochs),
+        );
+        need(
+            t.lr_decay_factor > 0.0 && t.lr_decay_factor <= 1.0,
+            format!("train.lr_decay_factor = {}: allowed (0, 1]", t.lr_decay_factor),
+        );
+        need(
+            t.clip_norm >= 0.0,
+            format!("train.clip_norm = {}: must be >= 0 (0 = off)", t.clip_norm),
+        );
+        need(
+            t.keep_checkpoints >= 1,
+            format!("train.keep_checkpoints = {}: must be at least 1", t.keep_checkpoints),
+        );
+        need(
+            t.log_every >= 1,
+            format!("train.log_every = {}: must be at least 1", t.log_every),
+        );
+        need(
+            self.dist.timeout > 0.0 && self.dist.timeout.is_finite(),
+            format!(
+                "dist.timeout = {}: must be a positive number of seconds",
+                self.dist.timeout
+            ),
+        );
+        match self.sparse.density.schedule() {
+            Err(e) => errs.push(e.to_string()),
+            Ok(s) if s.is_empty() => errs.push("sparse.density = []: the list needs at least one value".into()),
+            Ok(s) => {
+                for d in s {
+                    if !(d > 0.0 && d <= 1.0) {
+                        errs.push(format!("sparse.density contains {d}: every density must be in (0, 1]"));
+                    }
+                }
+            }
+        }
+        if self.sparse.momentum_correction && self.train.momentum == 0.0 {
+            errs.push("sparse.momentum_correction = true needs train.momentum > 0 (its momentum factor)".into());
+        }
+        if self.data.source == DataSource::Cifar10 && self.data.dir.is_none() {
+            errs.push("data.dir is required when data.source = \"cifar10\"".into());
+        }
+        if self.data.source == DataSource::Synthetic {
+            let (n, m) = (self.data.synthetic_train, self.data.synthetic_test);
+            if n < t.batch_size {
+                errs.push(format!(
+                    "data.synthetic_train = {n} is smaller than train.batch_size = {}: not one full batch",
+                    t.batch_size
+                ));
+            }
+            let side = self.data.synthetic_side;
+            if side < 4 || !side.is_multiple_of(4) {
+                errs.push(format!(
+                    "data.synthetic_side = {side}: must be a multiple of 4, at least 4 (ResNet-20 halves it twice)"
+                ));
+            }
+            if m == 0 {
+                errs.push("data.synthetic_test = 0: the test split needs at least one sample".into());
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errs.join("\n"))
+        }
+    }
+
+    /// Per-worker batch b = B / P.
+    pub fn worker_batch(&self) -> usize {
+        self.train.batch_size / self.dist.workers
+    }
+
+    /// A stable fingerprint of the effective config: workers refuse to train with different configs.
+    pub fn fingerprint(&self) -> u64 {
+        let json = serde_json::to_string(self).expect("config serializes");
+        json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+        })
+    }
+}
+
+/// `section.key=value`: the value is read as TOML; a bare word that is not valid TOML is a string.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
+    let (key, raw) = spec
+        .split_once('=')
+        .with_context(|| format!("--set {spec}: expected key=value, e.g. --set sparse.method=gtopk"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key v"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {spec}: key '{key}' has an empty part");
+    }
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("--set {spec}: '{part}' is a value, not a section"),
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        name = "t"
+        [model]
+        arch = "resnet20"
+        [data]
+        source = "synthetic"
+        synthetic_train = 64
+        synthetic_test = 16
+        [train]
+        epochs = 1
+        batch_size = 16
+        lr = 0.1
+        [dist]
+        workers = 4
+    "#;
+
+    fn err(text: &str, sets: &[&str]) -> String {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        format!("{:#}", Config::parse(text, &sets).unwrap_err())
+    }
+
+    #[test]
+    fn base_parses_with_defaults() {
+        let c = Config::parse(BASE, &[]).unwrap();
+        assert_eq!(c.worker_batch(), 4);
+        assert_eq!(c.sparse.method, Method::Dense);
+        assert_eq!(c.sparse.density.at_epoch(3), 0.001);
+    }
+
+    #[test]
+    fn overrides_take_toml_values_and_bare_words() {
+        let sets = vec![
+            "sparse.method=gtopk".to_string(),
+            "sparse.density=[0.01, 0.005]".to_string(),
+            "train.lr=0.5".to_string(),
+            "sparse.gtopk=recursive-doubling".to_string(),
+        ];
+        let c = Config::parse(BASE, &sets).unwrap();
+        assert_eq!(c.sparse.method, Method::Gtopk);
+        assert_eq!(c.sparse.gtopk, GtopkAlgo::RecursiveDoubling);
+        assert_eq!(c.train.lr, 0.5);
+        assert_eq!(c.sparse.density.at_epoch(0), 0.01);
+        assert_eq!(c.sparse.density.at_epoch(9), 0.005);
+        let c = Config::parse(BASE, &["sparse.density=\"dgc\"".into()]).unwrap();
+        assert_eq!(c.sparse.density.at_epoch(2), 0.015625);
+    }
+
+    #[test]
+    fn every_error_names_its_key() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["train.batch_size=18"],
+                "train.batch_size = 18 is not divisible by dist.workers = 4",
+            ),
+            (&["dist.workers=0"], "dist.workers = 0"),
+            (&["sparse.density=0"], "sparse.density contains 0"),
+            (&["sparse.density=1.5"], "sparse.density contains 1.5"),
+            (&["sparse.density=\"fast\""], "unknown preset"),
+            (&["train.momentum=1.0"], "train.momentum = 1"),
+            (&["train.lr=-1"], "train.lr = -1"),
+            (&["train.bogus=1"], "bogus"),
+            (&["sparse.method=sometimes"], "sometimes"),
+            (&["train.epochs=\"many\""], "epochs"),
+            (&["data.source=\"cifar10\""], "data.dir is required"),
+            (&["train.nesterov=true"], "train.nesterov"),
+            (&["sparse.momentum_correction=true"], "sparse.momentum_correction"),
+            (&["train.lr"], "expected key=value"),
+            (&["train..lr=1"], "empty part"),
+        ];
+        for (sets, want) in cases {
+            let e = err(BASE, sets);
+            assert!(
+                e.contains(want),
+                "--set {sets:?}: error {e:?} does not mention {want:?}"
+            );
+        }
+        assert!(err("[model\narch=1", &[]).contains("TOML") || err("[model\narch=1", &[]).contains("expected"));
+        assert!(err(&BASE.replace("arch = \"resnet20\"", "arch = \"resnet21\""), &[]).contains("resnet21"));
+    }
+
+    #[test]
+    fn fingerprint_follows_content() {
+        let a = Config::parse(BASE, &[]).unwrap();
+        let b = Config::parse(BASE, &["train.lr=0.2".into()]).unwrap();
+        assert_eq!(a.fingerprint(), Config::parse(BASE, &[]).unwrap().fingerprint());
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}

@@ -1,0 +1,89 @@
+//! The few layers our models share, built on `Builder` so their parameters get seeded init and
+//! PyTorch names.
+
+use super::builder::{Builder, Init};
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::BatchNorm;
+
+/// 2-D convolution, weight [out, in, k, k], optional bias.
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &Builder,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        init: Init,
+    ) -> Result<Self> {
+        let weight = b.var("weight", (cout, cin, k, k), init)?;
+        let bias = if bias {
+            Some(b.var("bias", cout, Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// PyTorch's BatchNorm2d: weight 1, bias 0, running mean 0, running var 1, eps 1e-5, momentum 0.1.
+/// The running statistics are vars in the var map (saved in checkpoints) but never parameters.
+pub fn batch_norm(b: &Builder, n: usize) -> Result<BatchNorm> {
+    let weight = b.var("weight", n, Init::Const(1.0))?;
+    let bias = b.var("bias", n, Init::Const(0.0))?;
+    let mean = b.var("running_mean", n, Init::Const(0.0))?;
+    let var = b.var("running_var", n, Init::Const(1.0))?;
+    BatchNorm::new(n, mean, var, weight, bias, 1e-5)
+}
+
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(b: &Builder, cin: usize, cout: usize, bias: bool, w_init: Init, b_init: Init) -> Result<Self> {
+        let weight = b.var("weight", (cout, cin), w_init)?;
+        let bias = if bias { Some(b.var("bias", cout, b_init)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Runs a BatchNorm in training or evaluation mode.
+pub fn bn(norm: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    norm.forward_t(x, train)
+}

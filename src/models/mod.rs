@@ -1,0 +1,263 @@
+//! Models and their parameters. A model's trainable parameters, sorted by name, define the flat
+//! gradient layout that every worker shares; BN running statistics are buffers, kept out of it.
+
+pub mod builder;
+pub mod layers;
+pub mod resnet20;
+
+use crate::config::Arch;
+use anyhow::{bail, Context, Result};
+use builder::Builder;
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarMap;
+use std::collections::HashMap;
+use std::path::Path;
+
+enum Net {
+    Resnet20(resnet20::ResNet20),
+}
+
+pub struct Model {
+    pub arch: Arch,
+    varmap: VarMap,
+    net: Net,
+    params: Vec<(String, Var)>,
+    buffers: Vec<(String, Var)>,
+}
+
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+impl Model {
+    pub fn new(arch: Arch, seed: u64, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let b = Builder::new(&varmap, seed, device);
+        let net = match arch {
+            Arch::Resnet20 => Net::Resnet20(resnet20::ResNet20::new(&b, crate::data::CLASSES)?),
+        };
+        let mut all: Vec<(String, Var)> = varmap
+            .data()
+            .lock()
+            .expect("var map lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // The var map is a HashMap whose order differs between processes: sort by name.
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        let (buffers, params) = all.into_iter().partition(|(n, _)| is_buffer(n));
+        Ok(Self {
+            arch,
+            varmap,
+            net,
+            params,
+            buffers,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(match &self.net {
+            Net::Resnet20(m) => m.forward(x, train)?,
+        })
+    }
+
+    /// Trainable parameters in flat-layout order.
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn param_sizes(&self) -> Vec<usize> {
+        self.params.iter().map(|(_, v)| v.elem_count()).collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Copies the gradient of every parameter into `out` in layout order (zeros where a
+    /// parameter got no gradient, e.g. it did not take part in this loss).
+    pub fn flat_grad(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+        let mut off = 0;
+        for (name, v) in &self.params {
+            let n = v.elem_count();
+            match grads.get(v.as_tensor()) {
+                Some(g) => {
+                    let g = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    out[off..off + n].copy_from_slice(&g);
+                }
+                None => {
+                    let _ = name;
+                    out[off..off + n].fill(0.0);
+                }
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    pub fn flat_params(&self) -> Result<Vec<f32>> {
+        flatten(&self.params)
+    }
+
+    pub fn set_flat_params(&self, flat: &[f32]) -> Result<()> {
+        set_flat(&self.params, flat)
+    }
+
+    /// BN running statistics, flattened (for broadcasting rank 0's before evaluation).
+    pub fn flat_buffers(&self) -> Result<Vec<f32>> {
+        flatten(&self.buffers)
+    }
+
+    pub fn set_flat_buffers(&self, flat: &[f32]) -> Result<()> {
+        set_flat(&self.buffers, flat)
+    }
+
+    /// Saves parameters and buffers under their names.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let map: HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .chain(&self.buffers)
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Loads every parameter and buffer from a safetensors file with our names (a PyTorch state
+    /// dict saved as safetensors loads as is; its `num_batches_tracked` counters are ignored).
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
+        let arch = format!("{:?}", self.arch).to_lowercase();
+        for name in tensors.keys() {
+            let known = self.params.iter().chain(&self.buffers).any(|(n, _)| n == name);
+            if !known && !name.ends_with("num_batches_tracked") {
+                bail!(
+                    "{}: tensor '{name}' is not a parameter of {arch} (a checkpoint of another model?)",
+                    path.display()
+                );
+            }
+        }
+        for (name, var) in self.params.iter().chain(&self.buffers) {
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("{}: tensor '{name}' of {arch} is missing", path.display()))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: tensor '{name}' has shape {:?}, {arch} needs {:?}",
+                    path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+}
+
+fn flatten(vars: &[(String, Var)]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(vars.iter().map(|(_, v)| v.elem_count()).sum());
+    for (_, v) in vars {
+        out.extend(v.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
+
+fn set_flat(vars: &[(String, Var)], flat: &[f32]) -> Result<()> {
+    let mut off = 0;
+    for (_, v) in vars {
+        let n = v.elem_count();
+        let t = Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?;
+        v.set(&t)?;
+        off += n;
+    }
+    anyhow::ensure!(
+        off == flat.len(),
+        "flat vector of {} values for {off} slots",
+        flat.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resnet20_names_count_and_shape() {
+        let m = Model::new(Arch::Resnet20, 0, &Device::Cpu).unwrap();
+        assert_eq!(m.num_params(), 269_722);
+        let names: Vec<&str> = m.params().iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "conv_1_3x3.weight",
+            "bn_1.weight",
+            "bn_1.bias",
+            "stage_1.0.conv_a.weight",
+            "stage_1.0.bn_a.weight",
+            "stage_2.0.conv_b.weight",
+            "stage_3.2.bn_b.bias",
+            "classifier.weight",
+            "classifier.bias",
+        ] {
+            assert!(names.contains(&want), "missing {want}");
+        }
+        assert!(names.windows(2).all(|w| w[0] < w[1]), "layout not sorted by name");
+        assert_eq!(m.buffers.len(), 2 * 19);
+        assert!(m.buffers.iter().any(|(n, _)| n == "stage_3.2.bn_b.running_var"));
+        let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&x, false).unwrap().dims(), &[2, 10]);
+    }
+
+    #[test]
+    fn init_is_seeded_and_follows_the_authors() {
+        let a = Model::new(Arch::Resnet20, 1, &Device::Cpu).unwrap();
+        let b = Model::new(Arch::Resnet20, 1, &Device::Cpu).unwrap();
+        let c = Model::new(Arch::Resnet20, 2, &Device::Cpu).unwrap();
+        assert_eq!(a.flat_params().unwrap(), b.flat_params().unwrap());
+        assert_ne!(a.flat_params().unwrap(), c.flat_params().unwrap());
+        let w = a.params().iter().find(|(n, _)| n == "stage_3.1.conv_a.weight").unwrap();
+        let v = w.1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let std = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+        let want = (2.0f32 / (9.0 * 64.0)).sqrt();
+        assert!((std / want - 1.0).abs() < 0.05, "conv std {std} vs {want}");
+        let bnw = a.params().iter().find(|(n, _)| n == "bn_1.weight").unwrap();
+        assert!(bnw.1.to_vec1::<f32>().unwrap().iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn save_load_roundtrip_and_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Model::new(Arch::Resnet20, 1, &Device::Cpu).unwrap();
+        let b = Model::new(Arch::Resnet20, 2, &Device::Cpu).unwrap();
+        let p = dir.path().join("m.safetensors");
+        a.save(&p).unwrap();
+        b.load(&p).unwrap();
+        assert_eq!(a.flat_params().unwrap(), b.flat_params().unwrap());
+        assert_eq!(a.flat_buffers().unwrap(), b.flat_buffers().unwrap());
+
+        let mut map: HashMap<String, Tensor> = HashMap::new();
+        map.insert(
+            "bn_1.weight".into(),
+            Tensor::ones(16, DType::F32, &Device::Cpu).unwrap(),
+        );
+        map.insert(
+            "bn_1.num_batches_tracked".into(),
+            Tensor::zeros(1, DType::I64, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&map, &p).unwrap();
+        let e = format!("{:#}", b.load(&p).unwrap_err());
+        assert!(e.contains("is missing"), "{e}");
+        map.insert("fc.weight".into(), Tensor::ones(16, DType::F32, &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&map, &p).unwrap();
+        let e = format!("{:#}", b.load(&p).unwrap_err());
+        assert!(e.contains("'fc.weight' is not a parameter of resnet20"), "{e}");
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(format!("{:#}", b.load(&p).unwrap_err()).contains("cannot read safetensors"));
+    }
+}

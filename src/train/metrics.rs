@@ -1,0 +1,89 @@
+//! `metrics.jsonl`: one JSON object per line, written by rank 0 and flushed line by line so a crash
+//! loses nothing already logged.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+pub const FILE: &str = "metrics.jsonl";
+
+/// The fields of a record that depend on timing; everything else is a pure function of the config.
+pub const TIMING_FIELDS: [&str; 3] = ["samples_per_s", "time", "wall_s"];
+
+pub struct MetricsWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    pub fn open(run_dir: &Path) -> Result<Self> {
+        let path = run_dir.join(FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {} for writing", path.display()))?;
+        Ok(Self { file, path })
+    }
+
+    pub fn write(&mut self, record: &Value) -> Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write to {}", self.path.display()))
+    }
+}
+
+pub fn read(run_dir: &Path) -> Result<Vec<Value>> {
+    let path = run_dir.join(FILE);
+    let f = File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    BufReader::new(f)
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let line = line?;
+            serde_json::from_str(&line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// On resume from the checkpoint taken after `step`, drops every record the resumed run will write
+/// again: step records after it, and epoch/eval records at or after it (they follow the checkpoint).
+pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
+    let path = run_dir.join(FILE);
+    if !path.exists() {
+        return Ok(());
+    }
+    let keep: Vec<Value> = read(run_dir)?
+        .into_iter()
+        .filter(|r| {
+            let s = r.get("step").and_then(Value::as_u64).unwrap_or(0);
+            match r.get("kind").and_then(Value::as_str) {
+                Some("step") => s <= step,
+                Some("run") => true,
+                _ => s < step,
+            }
+        })
+        .collect();
+    let mut out = Vec::new();
+    for r in keep {
+        out.extend(serde_json::to_vec(&r)?);
+        out.push(b'\n');
+    }
+    super::checkpoint::write_file(&path, &out)
+}
+
+/// A record with the timing fields removed, for comparing runs bit for bit.
+pub fn deterministic_part(record: &Value) -> Value {
+    let mut r = record.clone();
+    if let Some(obj) = r.as_object_mut() {
+        for f in TIMING_FIELDS {
+            obj.remove(f);
+        }
+    }
+    r
+}

@@ -1,0 +1,168 @@
+//! Training jobs: the run directory, the workers (threads over the local communicator), resume.
+
+pub mod checkpoint;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+mod stats;
+mod worker;
+
+pub use worker::{evaluate_indices, EvalStats, Position};
+
+use crate::comm::local::LocalComm;
+use crate::config::{Config, DataSource};
+use crate::data::{cifar, synthetic, Splits};
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use worker::Worker;
+
+pub struct RunOptions {
+    pub run_dir: PathBuf,
+    /// Continue from the newest checkpoint in `run_dir`.
+    pub resume: bool,
+    /// A progress bar (on a terminal); plain log lines otherwise.
+    pub progress: bool,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub steps: u64,
+    pub test: Option<EvalStats>,
+    pub wall_s: f64,
+}
+
+pub fn load_data(cfg: &Config) -> Result<Splits> {
+    match cfg.data.source {
+        DataSource::Synthetic => Ok(synthetic::splits(
+            cfg.seed,
+            cfg.data.synthetic_train,
+            cfg.data.synthetic_test,
+            cfg.data.synthetic_side,
+        )),
+        DataSource::Cifar10 => {
+            let dir = cfg.data.dir.as_deref().context("data.dir is required for cifar10")?;
+            cifar::load(Path::new(dir)).context("data.dir")
+        }
+    }
+}
+
+/// Creates (or, on resume, reopens) the run directory; refuses to mix two runs in one directory.
+fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
+    let dir = &opts.run_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    let probe = dir.join(".write-test");
+    checkpoint::write_file(&probe, b"ok")
+        .with_context(|| format!("run directory {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe)?;
+    let resume_from = if opts.resume {
+        let ckpt = checkpoint::latest(dir)?.ok_or_else(|| {
+            anyhow!(
+                "--resume {}: no checkpoint found in {}",
+                dir.display(),
+                checkpoint::root(dir).display()
+            )
+        })?;
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)?;
+        if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
+            eprintln!("note: the config differs from the one the checkpoint was written with");
+        }
+        let step = meta["position"]["step"].as_u64().unwrap_or(0);
+        metrics::truncate_after(dir, step)?;
+        Some(ckpt)
+    } else {
+        if dir.join(metrics::FILE).exists() || !checkpoint::list(dir)?.is_empty() {
+            bail!(
+                "run directory {} already holds a run: pass --resume {} to continue it, or another --run-dir",
+                dir.display(),
+                dir.display()
+            );
+        }
+        None
+    };
+    let effective = toml::to_string_pretty(cfg).context("serialising the effective config")?;
+    checkpoint::write_file(&dir.join("config.toml"), effective.as_bytes())?;
+    Ok(resume_from)
+}
+
+pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let resume_from = prepare_run_dir(cfg, opts)?;
+    let data = Arc::new(load_data(cfg)?);
+    let p = cfg.dist.workers;
+    let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|comm| {
+            let (cfg, data, run_dir, resume_from) =
+                (cfg.clone(), data.clone(), opts.run_dir.clone(), resume_from.clone());
+            let progress = opts.progress;
+            std::thread::Builder::new()
+                .name(format!("worker-{}", comm_rank(&comm)))
+                .spawn(move || -> Result<(Option<EvalStats>, u64)> {
+                    let rank = comm_rank(&comm);
+                    let mut w =
+                        Worker::new(&cfg, run_dir, Box::new(comm), data).with_context(|| format!("rank {rank}"))?;
+                    if let Some(dir) = &resume_from {
+                        w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+                    }
+                    w.run(progress).with_context(|| format!("rank {rank}"))
+                })
+                .expect("spawn worker thread")
+        })
+        .collect();
+    let results: Vec<Result<(Option<EvalStats>, u64)>> = handles
+        .into_iter()
+        .enumerate()
+        .map(|(r, h)| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow!("rank {r}: worker thread panicked")))
+        })
+        .collect();
+    // Report the root cause: a worker whose own step failed, not the peers that then lost it.
+    let first_err = results
+        .iter()
+        .position(|r| r.as_ref().is_err_and(|e| !format!("{e:#}").contains("is gone")));
+    let mut results = results;
+    if let Some(i) = first_err.or_else(|| results.iter().position(|r| r.is_err())) {
+        return Err(results.swap_remove(i).unwrap_err());
+    }
+    let (test, steps) = results.swap_remove(0)?;
+    Ok(Summary {
+        steps,
+        test,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn comm_rank(c: &LocalComm) -> usize {
+    use crate::comm::Communicator;
+    c.rank()
+}
+
+/// Loss and accuracy of a saved model on the test split (one worker).
+pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
+    let file = if path.is_dir() {
+        let ckpt = if path.join(checkpoint::MODEL).exists() {
+            path.to_path_buf()
+        } else {
+            checkpoint::latest(path)?
+                .ok_or_else(|| anyhow!("{}: no model.safetensors and no checkpoint in it", path.display()))?
+        };
+        ckpt.join(checkpoint::MODEL)
+    } else {
+        path.to_path_buf()
+    };
+    let data = load_data(cfg)?;
+    let model = crate::models::Model::new(cfg.model.arch, cfg.seed, &candle_core::Device::Cpu)?;
+    model.load(&file)?;
+    let idx: Vec<usize> = (0..data.test.len()).collect();
+    let (loss_sum, correct) = evaluate_indices(&model, &data, &idx)?;
+    let n = idx.len() as f64;
+    Ok(EvalStats {
+        loss: loss_sum / n,
+        accuracy: correct / n,
+        samples: idx.len() as u64,
+    })
+}

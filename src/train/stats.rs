@@ -1,0 +1,177 @@
+//! Per-worker sums over a logging window, gathered to every rank at log time (one small all-gather
+//! per logged step rather than one per step).
+
+use crate::comm::{Communicator, Traffic};
+use crate::sparse::StepReport;
+use anyhow::{ensure, Result};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+pub struct Window {
+    start: Instant,
+    loss_sum: f64,
+    correct: f64,
+    samples: f64,
+    steps: f64,
+    t_compute: f64,
+    t_aggregate: f64,
+    t_optimizer: f64,
+    last: Traffic,
+    total: Traffic,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            loss_sum: 0.0,
+            correct: 0.0,
+            samples: 0.0,
+            steps: 0.0,
+            t_compute: 0.0,
+            t_aggregate: 0.0,
+            t_optimizer: 0.0,
+            last: Traffic::default(),
+            total: Traffic::default(),
+        }
+    }
+}
+
+impl Window {
+    pub fn add_step(&mut self, loss_sum: f64, correct: f64, samples: f64, t_compute: f64, _r: &Option<StepReport>) {
+        self.loss_sum += loss_sum;
+        self.correct += correct;
+        self.samples += samples;
+        self.steps += 1.0;
+        self.t_compute += t_compute;
+    }
+
+    pub fn add_aggregation(&mut self, seconds: f64, traffic: Traffic) {
+        self.t_aggregate += seconds;
+        self.last = traffic;
+        self.total.sent += traffic.sent;
+        self.total.recv += traffic.recv;
+    }
+
+    pub fn add_optimizer(&mut self, seconds: f64) {
+        self.t_optimizer += seconds;
+    }
+
+    /// The sums that metrics depend on (not the timings), for checkpoints: a resumed run's
+    /// first log line then covers the same steps as the uninterrupted run's.
+    pub fn snapshot(&self) -> [f64; 8] {
+        [
+            self.loss_sum,
+            self.correct,
+            self.samples,
+            self.steps,
+            self.last.sent as f64,
+            self.last.recv as f64,
+            self.total.sent as f64,
+            self.total.recv as f64,
+        ]
+    }
+
+    pub fn restore(s: [f64; 8]) -> Self {
+        Self {
+            loss_sum: s[0],
+            correct: s[1],
+            samples: s[2],
+            steps: s[3],
+            last: Traffic {
+                sent: s[4] as u64,
+                recv: s[5] as u64,
+            },
+            total: Traffic {
+                sent: s[6] as u64,
+                recv: s[7] as u64,
+            },
+            ..Self::default()
+        }
+    }
+
+    pub fn wall_s(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.loss_sum,
+            self.correct,
+            self.samples,
+            self.steps,
+            self.t_compute,
+            self.t_aggregate,
+            self.t_optimizer,
+            self.last.sent as f64,
+            self.last.recv as f64,
+            self.total.sent as f64,
+            self.total.recv as f64,
+        ]
+    }
+
+    /// Every rank's window, on every rank.
+    pub fn gather(&self, comm: &mut dyn Communicator) -> Result<Gathered> {
+        let rows = gather_f64(comm, &self.to_vec())?;
+        let col = |i: usize| rows.iter().map(|r| r[i]).collect::<Vec<f64>>();
+        let ints = |i: usize| rows.iter().map(|r| r[i] as u64).collect::<Vec<u64>>();
+        let sum = |i: usize| col(i).iter().sum::<f64>();
+        Ok(Gathered {
+            loss_sum: sum(0),
+            correct: sum(1),
+            samples: sum(2),
+            per_step: [4, 5, 6]
+                .map(|i| col(i).iter().zip(col(3)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
+            last_sent: ints(7),
+            last_recv: ints(8),
+            total_sent: ints(9),
+            total_recv: ints(10),
+        })
+    }
+}
+
+pub struct Gathered {
+    loss_sum: f64,
+    correct: f64,
+    pub samples: f64,
+    /// Mean over ranks of seconds per step: compute, aggregation, optimizer.
+    per_step: [f64; 3],
+    pub last_sent: Vec<u64>,
+    pub last_recv: Vec<u64>,
+    pub total_sent: Vec<u64>,
+    pub total_recv: Vec<u64>,
+}
+
+impl Gathered {
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.samples.max(1.0)
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        self.correct / self.samples.max(1.0)
+    }
+
+    pub fn time_split(&self) -> Value {
+        json!({"compute": self.per_step[0], "aggregation": self.per_step[1], "optimizer": self.per_step[2]})
+    }
+}
+
+/// All-gather of a few f64 values per rank.
+pub fn gather_f64(comm: &mut dyn Communicator, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    comm.all_gather(&bytes)?
+        .into_iter()
+        .enumerate()
+        .map(|(r, b)| {
+            ensure!(
+                b.len() == bytes.len(),
+                "rank {r} sent {} bytes of statistics, expected {}",
+                b.len(),
+                bytes.len()
+            );
+            Ok(b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect())
+        })
+        .collect()
+}

@@ -1,0 +1,526 @@
+//! One worker of a data-parallel job: its model replica, data shard, compressor state, and the loop.
+
+use super::checkpoint;
+use super::metrics::MetricsWriter;
+use super::optim::Sgd;
+use super::schedule::LrSchedule;
+use super::stats::{gather_f64, Window};
+use crate::comm::{bytes_to_f32s, f32s_to_bytes, Communicator};
+use crate::config::{Config, OnNonfinite};
+use crate::data::sampler::Sampler;
+use crate::data::{Splits, CHANNELS};
+use crate::models::Model;
+use crate::rng::Rng;
+use crate::sparse::{Compressor, CompressorConfig, CompressorState, StepOptions, StepReport};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a run starts: step counts done and the position in the epoch.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub step: u64,
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct EvalStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub samples: u64,
+}
+
+pub struct Worker {
+    cfg: Config,
+    run_dir: PathBuf,
+    comm: Box<dyn Communicator>,
+    model: Model,
+    data: Arc<Splits>,
+    sampler: Sampler,
+    sched: LrSchedule,
+    compressor: Compressor,
+    sgd: Sgd,
+    params: Vec<f32>,
+    grad: Vec<f32>,
+    update: Vec<f32>,
+    metrics: Option<MetricsWriter>,
+    progress: Option<ProgressBar>,
+    pos: Position,
+    window: Window,
+    epoch_window: Window,
+    last_test: Option<EvalStats>,
+    /// The step of the newest checkpoint this run wrote or resumed from.
+    checkpointed: Option<u64>,
+}
+
+const EVAL_BATCH: usize = 250;
+
+impl Worker {
+    pub fn new(cfg: &Config, run_dir: PathBuf, comm: Box<dyn Communicator>, data: Arc<Splits>) -> Result<Self> {
+        let rank = comm.rank();
+        let model = Model::new(cfg.model.arch, cfg.seed, &Device::Cpu)?;
+        if let Some(path) = &cfg.model.init_from {
+            model.load(path.as_ref()).context("model.init_from")?;
+        }
+        let d = model.num_params();
+        let t = &cfg.train;
+        let dgc = cfg.sparse.momentum_correction.then_some(t.momentum as f32);
+        let compressor = Compressor::new(
+            CompressorConfig {
+                method: cfg.sparse.method,
+                scope: cfg.sparse.scope,
+                gtopk: cfg.sparse.gtopk,
+                residual_policy: cfg.sparse.residual_policy,
+                wire: cfg.sparse.wire,
+                momentum_correction: dgc,
+                seed: cfg.seed,
+            },
+            &model.param_sizes(),
+        )?;
+        // Under DGC momentum correction the momentum lives in the compressor, before selection.
+        let momentum = if dgc.is_some() { 0.0 } else { t.momentum as f32 };
+        let sgd = Sgd::new(momentum, t.dampening as f32, t.nesterov, t.weight_decay as f32);
+        let sampler = Sampler::new(cfg.seed, data.train.len(), t.batch_size, cfg.dist.workers);
+        let metrics = if rank == 0 {
+            Some(MetricsWriter::open(&run_dir)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            params: model.flat_params()?,
+            grad: vec![0.0; d],
+            update: vec![0.0; d],
+            sched: LrSchedule::new(t, cfg.dist.workers),
+            cfg: cfg.clone(),
+            run_dir,
+            comm,
+            model,
+            data,
+            sampler,
+            compressor,
+            sgd,
+            metrics,
+            progress: None,
+            pos: Position::default(),
+            window: Window::default(),
+            epoch_window: Window::default(),
+            last_test: None,
+            checkpointed: None,
+        })
+    }
+
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// The training loop: forward/backward, aggregation, optimizer, metrics, checkpoints.
+    pub fn run(mut self, show_progress: bool) -> Result<(Option<EvalStats>, u64)> {
+        let steps = self.sampler.steps_per_epoch();
+        if steps == 0 {
+            bail!(
+                "the training split has {} samples, fewer than one batch of {}",
+                self.data.train.len(),
+                self.cfg.train.batch_size
+            );
+        }
+        let total = self.total_steps(steps);
+        if self.rank() == 0 && show_progress {
+            self.progress = Some(progress_bar(total, self.pos.step));
+        }
+        let t = self.cfg.train.clone();
+        for epoch in self.pos.epoch..t.epochs {
+            let order = self.sampler.order(epoch);
+            let first = if epoch == self.pos.epoch {
+                self.pos.step_in_epoch
+            } else {
+                0
+            };
+            for s in first..steps {
+                let lr = self.sched.at(epoch, s, steps);
+                let density = self.cfg.sparse.density.at_epoch(epoch);
+                let t0 = Instant::now();
+                let (loss, correct) = self.forward_backward(&order, epoch, s)?;
+                let t1 = Instant::now();
+                let report = if self.all_finite(loss)? {
+                    let report = self.aggregate(density)?;
+                    self.apply_update(lr as f32)?;
+                    Some(report)
+                } else {
+                    None
+                };
+                self.pos = Position {
+                    step: self.pos.step + 1,
+                    epoch,
+                    step_in_epoch: s + 1,
+                };
+                let b = self.cfg.worker_batch() as f64;
+                self.window
+                    .add_step(loss as f64 * b, correct, b, (t1 - t0).as_secs_f64(), &report);
+                self.epoch_window.add_step(loss as f64 * b, correct, b, 0.0, &report);
+                let delta_step = report.as_ref().is_some_and(|r| r.delta.is_some());
+                if self.pos.step.is_multiple_of(t.log_every as u64) || delta_step || report.is_none() {
+                    self.log_step(lr, density, report.as_ref())?;
+                }
+                if let Some(p) = &self.progress {
+                    p.set_position(self.pos.step);
+                }
+                if t.checkpoint_every > 0 && self.pos.step.is_multiple_of(t.checkpoint_every as u64) {
+                    self.checkpoint()?;
+                }
+                if self.pos.step >= total {
+                    break;
+                }
+            }
+            // train.max_steps may end the run inside an epoch: it still ends with an evaluation.
+            let done = self.pos.step >= total;
+            // The last checkpoint precedes the epoch-end records, like every checkpoint: a resumed
+            // run writes those records again.
+            if done && self.checkpointed != Some(self.pos.step) {
+                self.checkpoint()?;
+            }
+            if done || epoch + 1 == t.epochs || (t.eval_every_epochs > 0 && (epoch + 1) % t.eval_every_epochs == 0) {
+                self.last_test = Some(self.evaluate()?);
+            }
+            self.log_epoch(epoch)?;
+            if done {
+                break;
+            }
+        }
+        if let Some(p) = &self.progress {
+            p.finish_and_clear();
+        }
+        Ok((self.last_test, self.pos.step))
+    }
+
+    fn total_steps(&self, steps: usize) -> u64 {
+        let all = (steps * self.cfg.train.epochs) as u64;
+        match self.cfg.train.max_steps {
+            0 => all,
+            m => all.min(m as u64),
+        }
+    }
+
+    /// Loss and correct count of this worker's batch; the gradient lands in `self.grad`.
+    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, f64)> {
+        let idx = self.sampler.batch(order, s, self.rank());
+        // The augmentation stream is a function of (seed, step, rank): resuming needs no RNG state.
+        let stream = ((epoch * self.sampler.steps_per_epoch() + s) * self.cfg.dist.workers + self.rank()) as u64;
+        let mut rng = Rng::derive(self.cfg.seed, "augment", stream);
+        let (x, y) = self.data.train.batch(idx, self.cfg.data.augment.then_some(&mut rng));
+        let (x, y) = to_tensors(x, y, self.data.train.side)?;
+        let logits = self.model.forward(&x, true)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let grads = loss.backward()?;
+        self.model.flat_grad(&grads, &mut self.grad)?;
+        let correct = correct_count(&logits, &y)?;
+        Ok((loss.to_scalar::<f32>()?, correct))
+    }
+
+    /// Every worker learns whether any worker saw a non-finite loss or gradient; the update is
+    /// never applied with one. Returns false when the step is to be skipped.
+    fn all_finite(&mut self, loss: f32) -> Result<bool> {
+        let ok = loss.is_finite() && self.grad.iter().all(|g| g.is_finite());
+        let flags = self.comm.all_gather(&[ok as u8])?;
+        let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != [1]).collect();
+        if bad.is_empty() {
+            return Ok(true);
+        }
+        match self.cfg.train.on_nonfinite {
+            OnNonfinite::Error => bail!(
+                "step {}: non-finite loss or gradient on rank(s) {bad:?}; the update was not applied \
+                 (train.on_nonfinite = \"skip-step\" skips such steps instead)",
+                self.pos.step + 1
+            ),
+            OnNonfinite::SkipStep => Ok(false),
+        }
+    }
+
+    fn aggregate(&mut self, density: f64) -> Result<StepReport> {
+        let step = self.pos.step + 1;
+        let opts = StepOptions {
+            measure_delta: self.cfg.sparse.delta_every > 0 && step.is_multiple_of(self.cfg.sparse.delta_every as u64),
+            check_conservation: self.cfg.debug.check_conservation,
+        };
+        let t0 = Instant::now();
+        let report = self
+            .compressor
+            .step(self.comm.as_mut(), &self.grad, density, opts, &mut self.update)?;
+        let traffic = report.traffic;
+        self.window.add_aggregation(t0.elapsed().as_secs_f64(), traffic);
+        self.epoch_window.add_aggregation(0.0, traffic);
+        if let Some(err) = report.conservation_rel_err {
+            if err > 1e-4 {
+                bail!("step {step}: mass not conserved by the sparse aggregation (relative error {err:.3e})");
+            }
+        }
+        Ok(report)
+    }
+
+    fn apply_update(&mut self, lr: f32) -> Result<()> {
+        let t0 = Instant::now();
+        let clip = self.cfg.train.clip_norm as f32;
+        if clip > 0.0 {
+            let norm = self.update.iter().map(|u| u * u).sum::<f32>().sqrt();
+            if norm > clip {
+                let scale = clip / (norm + 1e-6);
+                self.update.iter_mut().for_each(|u| *u *= scale);
+            }
+        }
+        self.sgd.step(&mut self.params, &self.update, lr);
+        self.model.set_flat_params(&self.params)?;
+        self.window.add_optimizer(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn log_step(&mut self, lr: f64, density: f64, report: Option<&StepReport>) -> Result<()> {
+        let w = std::mem::take(&mut self.window);
+        let all = w.gather(self.comm.as_mut())?;
+        let Some(m) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        let mut rec = json!({
+            "kind": "step",
+            "step": self.pos.step,
+            "epoch": self.pos.epoch,
+            "lr": lr,
+            "density": density,
+            "loss": all.loss(),
+            "accuracy": all.accuracy(),
+            "samples_per_s": all.samples / w.wall_s().max(1e-9),
+            "time": all.time_split(),
+            "bytes_sent": all.last_sent,
+            "bytes_recv": all.last_recv,
+        });
+        match report {
+            Some(r) => {
+                rec["k"] = json!(r.k);
+                for (key, v) in [
+                    ("delta", r.delta),
+                    ("delta_sampled", r.delta_sampled),
+                    ("lost_mass", r.lost_mass),
+                    ("conservation_rel_err", r.conservation_rel_err),
+                ] {
+                    if let Some(v) = v {
+                        rec[key] = json!(v);
+                    }
+                }
+            }
+            None => rec["skipped"] = json!(true),
+        }
+        m.write(&rec)?;
+        let line = format!(
+            "step {} epoch {} loss {:.4} acc {:.3} lr {:.4} {:.0} samples/s",
+            self.pos.step,
+            self.pos.epoch,
+            all.loss(),
+            all.accuracy(),
+            lr,
+            all.samples / w.wall_s().max(1e-9)
+        );
+        match &self.progress {
+            Some(p) => p.set_message(line),
+            None => eprintln!("{line}"),
+        }
+        Ok(())
+    }
+
+    fn log_epoch(&mut self, epoch: usize) -> Result<()> {
+        let w = std::mem::take(&mut self.epoch_window);
+        let all = w.gather(self.comm.as_mut())?;
+        let test = self.last_test.take();
+        let Some(m) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        let mut rec = json!({
+            "kind": "epoch",
+            "step": self.pos.step,
+            "epoch": epoch,
+            "train_loss": all.loss(),
+            "train_accuracy": all.accuracy(),
+            "bytes_sent": all.total_sent,
+            "bytes_recv": all.total_recv,
+            "wall_s": w.wall_s(),
+        });
+        if let Some(t) = test {
+            rec["test_loss"] = json!(t.loss);
+            rec["test_accuracy"] = json!(t.accuracy);
+            let line = format!("epoch {epoch}: test loss {:.4} accuracy {:.4}", t.loss, t.accuracy);
+            match &self.progress {
+                Some(p) => p.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+        self.last_test = test;
+        m.write(&rec)
+    }
+
+    /// Test-split loss and accuracy with rank 0's BN statistics (as DDP broadcasts its buffers);
+    /// every worker evaluates a shard.
+    pub fn evaluate(&mut self) -> Result<EvalStats> {
+        let mut buf = if self.rank() == 0 {
+            f32s_to_bytes(&self.model.flat_buffers()?)
+        } else {
+            Vec::new()
+        };
+        self.comm.broadcast(0, &mut buf)?;
+        self.model.set_flat_buffers(&bytes_to_f32s(&buf)?)?;
+        let (p, r) = (self.comm.world_size(), self.rank());
+        let idx: Vec<usize> = (r..self.data.test.len()).step_by(p).collect();
+        let (loss_sum, correct) = evaluate_indices(&self.model, &self.data, &idx)?;
+        let totals = gather_f64(self.comm.as_mut(), &[loss_sum, correct, idx.len() as f64])?;
+        let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<f64>();
+        let n = sum(2);
+        Ok(EvalStats {
+            loss: sum(0) / n,
+            accuracy: sum(1) / n,
+            samples: n as u64,
+        })
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.comm.all_gather(&[]).map(|_| ())
+    }
+
+    fn checkpoint(&mut self) -> Result<()> {
+        let step = self.pos.step;
+        let tmp = checkpoint::tmp_dir(&self.run_dir, step);
+        if self.rank() == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+            }
+            std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        }
+        self.barrier()?;
+        let state = self.compressor.state();
+        let mut vectors: Vec<(&str, &[f32])> = vec![("residual", &state.residual)];
+        if let Some(m) = &state.momentum {
+            vectors.push(("dgc_momentum", m));
+        }
+        checkpoint::write_vectors(&tmp.join(format!("rank-{}.safetensors", self.rank())), &vectors)?;
+        let windows = json!({"window": self.window.snapshot(), "epoch_window": self.epoch_window.snapshot()});
+        checkpoint::write_file(
+            &tmp.join(format!("rank-{}.json", self.rank())),
+            &serde_json::to_vec(&windows)?,
+        )?;
+        self.barrier()?;
+        if self.rank() == 0 {
+            let model = tmp.join(checkpoint::MODEL);
+            self.model.save(&model)?;
+            std::fs::File::open(&model)?.sync_all()?;
+            let momentum = self.sgd.buf.clone().unwrap_or_default();
+            checkpoint::write_vectors(&tmp.join("optimizer.safetensors"), &[("momentum", &momentum)])?;
+            let meta = json!({
+                "position": self.pos,
+                "momentum_started": self.sgd.buf.is_some(),
+                "compressor_step": self.compressor.steps(),
+                "arch": self.cfg.model.arch,
+                "workers": self.cfg.dist.workers,
+                "fingerprint": self.cfg.fingerprint(),
+            });
+            checkpoint::write_file(&tmp.join("trainer.json"), &serde_json::to_vec_pretty(&meta)?)?;
+            checkpoint::commit(&self.run_dir, step, self.cfg.train.keep_checkpoints)?;
+        }
+        self.checkpointed = Some(step);
+        self.barrier()
+    }
+
+    /// Continues from a published checkpoint directory.
+    pub fn restore(&mut self, dir: &std::path::Path) -> Result<()> {
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("trainer.json"))?)
+            .with_context(|| format!("{}: trainer.json is corrupt", dir.display()))?;
+        let workers = meta["workers"].as_u64().unwrap_or(0) as usize;
+        if workers != self.cfg.dist.workers {
+            bail!(
+                "{}: the checkpoint has {workers} workers' state but dist.workers = {}",
+                dir.display(),
+                self.cfg.dist.workers
+            );
+        }
+        self.pos = serde_json::from_value(meta["position"].clone())
+            .with_context(|| format!("{}: trainer.json has no valid position", dir.display()))?;
+        self.model.load(&dir.join(checkpoint::MODEL))?;
+        self.params = self.model.flat_params()?;
+        let opt = checkpoint::read_vectors(&dir.join("optimizer.safetensors"))?;
+        self.sgd.buf = if meta["momentum_started"].as_bool() == Some(true) {
+            let m = opt.get("momentum").cloned().unwrap_or_default();
+            if m.len() != self.params.len() {
+                bail!(
+                    "{}: momentum buffer has {} values for {} parameters",
+                    dir.display(),
+                    m.len(),
+                    self.params.len()
+                );
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let file = dir.join(format!("rank-{}.safetensors", self.rank()));
+        let mut mine = checkpoint::read_vectors(&file)?;
+        let state = CompressorState {
+            residual: mine.remove("residual").unwrap_or_default(),
+            momentum: mine.remove("dgc_momentum"),
+            step: meta["compressor_step"].as_u64().unwrap_or(self.pos.step),
+        };
+        self.compressor
+            .load_state(state)
+            .with_context(|| format!("{}", file.display()))?;
+        let file = dir.join(format!("rank-{}.json", self.rank()));
+        let windows: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)
+            .with_context(|| format!("{}: not valid JSON", file.display()))?;
+        let window = |key: &str| -> Result<Window> {
+            let s: [f64; 8] = serde_json::from_value(windows[key].clone())
+                .with_context(|| format!("{}: no valid '{key}'", file.display()))?;
+            Ok(Window::restore(s))
+        };
+        self.window = window("window")?;
+        self.epoch_window = window("epoch_window")?;
+        self.checkpointed = Some(self.pos.step);
+        Ok(())
+    }
+}
+
+fn to_tensors(x: Vec<f32>, y: Vec<u32>, side: usize) -> Result<(Tensor, Tensor)> {
+    let n = y.len();
+    let x = Tensor::from_vec(x, (n, CHANNELS, side, side), &Device::Cpu)?;
+    let y = Tensor::from_vec(y, n, &Device::Cpu)?;
+    Ok((x, y))
+}
+
+fn correct_count(logits: &Tensor, y: &Tensor) -> Result<f64> {
+    Ok(logits
+        .argmax(1)?
+        .eq(y)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64)
+}
+
+/// Sum of losses and number correct over `idx` of the test split, in evaluation mode.
+pub fn evaluate_indices(model: &Model, data: &Splits, idx: &[usize]) -> Result<(f64, f64)> {
+    let (mut loss_sum, mut correct) = (0.0, 0.0);
+    for chunk in idx.chunks(EVAL_BATCH) {
+        let (x, y) = data.test.batch(chunk, None);
+        let (x, y) = to_tensors(x, y, data.test.side)?;
+        let logits = model.forward(&x, false)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
+        loss_sum += loss * chunk.len() as f64;
+        correct += correct_count(&logits, &y)?;
+    }
+    Ok((loss_sum, correct))
+}
+
+fn progress_bar(total: u64, at: u64) -> ProgressBar {
+    let p = ProgressBar::new(total);
+    p.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    p.set_position(at);
+    p
+}

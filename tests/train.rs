@@ -1,0 +1,117 @@
+//! The trainer end to end on the CPU: learning, determinism, exact resume, and its refusals.
+
+mod common;
+
+use common::{config, records, run};
+use serde_json::Value;
+
+fn steps(recs: &[Value]) -> Vec<&Value> {
+    recs.iter().filter(|r| r["kind"] == "step").collect()
+}
+
+#[test]
+fn a_few_hundred_steps_learn_the_synthetic_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&[
+        "data.synthetic_train=1024",
+        "data.synthetic_test=200",
+        "data.augment=false",
+        "train.epochs=6",
+        "train.lr=0.1",
+        "train.log_every=16",
+        "sparse.method=gtopk",
+        "sparse.density=0.05",
+        "sparse.delta_every=16",
+        "debug.check_conservation=true",
+    ]);
+    let s = run(&cfg, dir.path(), false).unwrap();
+    assert_eq!(s.steps, 6 * 64);
+    let recs = records(dir.path());
+    let st = steps(&recs);
+    let first = st.first().unwrap()["loss"].as_f64().unwrap();
+    let last = st.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < 0.6 * first, "loss {first} -> {last}");
+    let acc = s.test.unwrap().accuracy;
+    assert!(acc > 0.5, "test accuracy {acc} (chance is 0.1)");
+    // Every delta measured stays below 1, as Assumption 1 asks.
+    let deltas: Vec<f64> = st.iter().filter_map(|r| r["delta"].as_f64()).collect();
+    assert!(
+        deltas.len() >= 20 && deltas.iter().all(|&d| d > 0.0 && d < 1.0),
+        "{deltas:?}"
+    );
+    let k = st[0]["k"].as_u64().unwrap();
+    assert_eq!(k, (0.05f64 * 269_722.0).floor() as u64);
+}
+
+#[test]
+fn same_config_same_metrics_bit_for_bit() {
+    for method in ["dense", "topk", "gtopk"] {
+        let sets = [
+            &format!("sparse.method={method}")[..],
+            "sparse.density=0.01",
+            "train.epochs=1",
+        ];
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        run(&config(&sets), a.path(), false).unwrap();
+        run(&config(&sets), b.path(), false).unwrap();
+        assert_eq!(records(a.path()), records(b.path()), "{method}");
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let base = [
+        "sparse.method=gtopk",
+        "sparse.density=0.01",
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.checkpoint_every=4",
+        "sparse.delta_every=3",
+    ];
+    let whole = tempfile::tempdir().unwrap();
+    run(&config(&base), whole.path(), false).unwrap();
+
+    let parts = tempfile::tempdir().unwrap();
+    let mut first: Vec<&str> = base.to_vec();
+    first.push("train.max_steps=7");
+    run(&config(&first), parts.path(), false).unwrap();
+    // Stopped mid-epoch at step 7 with a final checkpoint; continue to the end.
+    let s = run(&config(&base), parts.path(), true).unwrap();
+    assert_eq!(s.steps, 10);
+    assert_eq!(records(whole.path()), records(parts.path()));
+}
+
+#[test]
+fn refuses_to_mix_runs_and_to_resume_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&["train.max_steps=2"]);
+    run(&cfg, dir.path(), false).unwrap();
+    let e = format!("{:#}", run(&cfg, dir.path(), false).unwrap_err());
+    assert!(e.contains("already holds a run") && e.contains("--resume"), "{e}");
+    let empty = tempfile::tempdir().unwrap();
+    let e = format!("{:#}", run(&cfg, empty.path(), true).unwrap_err());
+    assert!(e.contains("no checkpoint found"), "{e}");
+    let other = config(&["train.max_steps=2", "dist.workers=4"]);
+    let e = format!("{:#}", run(&other, dir.path(), true).unwrap_err());
+    assert!(e.contains("dist.workers = 4"), "{e}");
+}
+
+#[test]
+fn non_finite_steps_stop_the_run_or_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&["train.lr=1e30", "train.warmup_epochs=0", "train.momentum=0"]);
+    let e = format!("{:#}", run(&cfg, dir.path(), false).unwrap_err());
+    assert!(e.contains("non-finite loss or gradient on rank(s) [0, 1]"), "{e}");
+    assert!(e.contains("the update was not applied"), "{e}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&[
+        "train.lr=1e30",
+        "train.warmup_epochs=0",
+        "train.momentum=0",
+        "train.on_nonfinite=skip-step",
+    ]);
+    run(&cfg, dir.path(), false).unwrap();
+    let skipped = records(dir.path()).iter().filter(|r| r["skipped"] == true).count();
+    assert!(skipped > 0);
+}
