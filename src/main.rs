@@ -49,6 +49,31 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Micro-benchmarks; numbers go into docs/.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Exact top-k by magnitude (our radix select) against select_nth_unstable_by and a full sort,
+    /// on the same normal random data, median of --reps calls after a warm-up.
+    Select {
+        /// Vector sizes d (default: ResNet-20's 270K, VGG-16's 15M and the PTB LSTM's 66M).
+        #[arg(long, value_delimiter = ',', default_values_t = [270_000usize, 15_000_000, 66_000_000])]
+        sizes: Vec<usize>,
+        /// Densities k/d.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.001f64, 0.01])]
+        densities: Vec<f64>,
+        /// Timed repetitions per row.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Print the rows as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn default_run_dir(name: &str) -> PathBuf {
@@ -123,6 +148,31 @@ fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &overrides)?;
             let e = train::evaluate_file(&cfg, &checkpoint)?;
             println!("{}", serde_json::to_string(&e)?);
+        }
+        Command::Bench {
+            what:
+                Bench::Select {
+                    sizes,
+                    densities,
+                    reps,
+                    json,
+                },
+        } => {
+            if let Some(d) = densities.iter().find(|d| !(**d > 0.0 && **d <= 1.0)) {
+                anyhow::bail!("--densities: {d} is outside (0, 1]");
+            }
+            let rows = gtopk::sparse::bench_select(&sizes, &densities, reps);
+            if json {
+                for r in &rows {
+                    println!(
+                        "{}",
+                        serde_json::json!({"d": r.d, "density": r.density, "k": r.k, "radix_s": r.radix_s,
+                            "nth_s": r.nth_s, "sort_s": r.sort_s, "agree": r.agree})
+                    );
+                }
+            } else {
+                print!("{}", gtopk::sparse::render_table(&rows));
+            }
         }
     }
     Ok(())
