@@ -68,6 +68,13 @@ pub struct DataConfig {
     /// Side of the synthetic images (32 is CIFAR's; smaller is faster, for tests and smoke runs).
     #[serde(default = "default_synth_side")]
     pub synthetic_side: usize,
+    /// Pixel noise of the synthetic images (standard deviation, 0..255 scale): the difficulty.
+    #[serde(default = "default_synth_noise")]
+    pub synthetic_noise: f32,
+}
+
+fn default_synth_noise() -> f32 {
+    96.0
 }
 
 fn default_synth_side() -> usize {
@@ -403,6 +410,10 @@ impl Config {
                 errs.push(format!(
                     "data.synthetic_side = {side}: must be a multiple of 4, at least 4 (ResNet-20 halves it twice)"
                 ));
+            }
+            let noise = self.data.synthetic_noise;
+            if !(noise >= 0.0 && noise.is_finite()) {
+                errs.push(format!("data.synthetic_noise = {noise}: must be a number >= 0"));
             }
             if m == 0 {
                 errs.push("data.synthetic_test = 0: the test split needs at least one sample".into());

@@ -115,3 +115,24 @@ fn non_finite_steps_stop_the_run_or_are_skipped() {
     let skipped = records(dir.path()).iter().filter(|r| r["skipped"] == true).count();
     assert!(skipped > 0);
 }
+
+#[test]
+fn origin_index_reports_the_mass_it_loses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&[
+        "sparse.method=gtopk",
+        "sparse.density=0.001",
+        "sparse.residual_policy=origin-index",
+        "debug.check_conservation=true",
+        "dist.workers=4",
+        "train.max_steps=4",
+        "train.log_every=1",
+    ]);
+    run(&cfg, dir.path(), false).unwrap();
+    let lost: Vec<f64> = records(dir.path())
+        .iter()
+        .filter_map(|r| r["lost_mass"].as_f64())
+        .collect();
+    assert_eq!(lost.len(), 4);
+    assert!(lost.iter().all(|&l| l >= 0.0));
+}

@@ -26,22 +26,12 @@ pub(super) fn ring_all_reduce<C: Communicator + ?Sized>(c: &mut C, buf: &mut [f3
         return Ok(());
     }
     let chunks = ring_chunks(buf.len(), world);
-    let right = (rank + 1) % world;
-    let left = (rank + world - 1) % world;
     // Reduce-scatter: after P-1 steps rank r holds the full sum of chunk (r + 1) mod P.
     for step in 0..world - 1 {
         let send_c = (rank + world - step) % world;
         let recv_c = (rank + world - step - 1) % world;
-        c.send(right, &f32s_to_bytes(&buf[chunks[send_c].clone()]))?;
-        let got = bytes_to_f32s(&c.recv(left)?)?;
-        let dst = &mut buf[chunks[recv_c].clone()];
-        ensure!(
-            got.len() == dst.len(),
-            "all-reduce: rank {left} sent {} values, expected {}",
-            got.len(),
-            dst.len()
-        );
-        for (d, g) in dst.iter_mut().zip(got) {
+        let got = shift_chunk(c, buf, &chunks[send_c], &chunks[recv_c])?;
+        for (d, g) in buf[chunks[recv_c].clone()].iter_mut().zip(got) {
             *d += g;
         }
     }
@@ -49,18 +39,30 @@ pub(super) fn ring_all_reduce<C: Communicator + ?Sized>(c: &mut C, buf: &mut [f3
     for step in 0..world - 1 {
         let send_c = (rank + 1 + world - step) % world;
         let recv_c = (rank + world - step) % world;
-        c.send(right, &f32s_to_bytes(&buf[chunks[send_c].clone()]))?;
-        let got = bytes_to_f32s(&c.recv(left)?)?;
-        let dst = &mut buf[chunks[recv_c].clone()];
-        ensure!(
-            got.len() == dst.len(),
-            "all-reduce: rank {left} sent {} values, expected {}",
-            got.len(),
-            dst.len()
-        );
-        dst.copy_from_slice(&got);
+        let got = shift_chunk(c, buf, &chunks[send_c], &chunks[recv_c])?;
+        buf[chunks[recv_c].clone()].copy_from_slice(&got);
     }
     Ok(())
+}
+
+/// One ring step: chunk `send` of `buf` goes right, the left neighbour's chunk `recv` comes back.
+fn shift_chunk<C: Communicator + ?Sized>(
+    c: &mut C,
+    buf: &[f32],
+    send: &Range<usize>,
+    recv: &Range<usize>,
+) -> Result<Vec<f32>> {
+    let world = c.world_size();
+    let (right, left) = ((c.rank() + 1) % world, (c.rank() + world - 1) % world);
+    c.send(right, &f32s_to_bytes(&buf[send.clone()]))?;
+    let got = bytes_to_f32s(&c.recv(left)?)?;
+    ensure!(
+        got.len() == recv.len(),
+        "all-reduce: rank {left} sent {} values, expected {}",
+        got.len(),
+        recv.len()
+    );
+    Ok(got)
 }
 
 pub(super) fn ring_all_gather<C: Communicator + ?Sized>(c: &mut C, msg: &[u8]) -> Result<Vec<Vec<u8>>> {

@@ -6,7 +6,6 @@ use super::{ImageSet, Splits, CHANNELS, CLASSES};
 use crate::rng::Rng;
 
 const WAVES: usize = 3;
-const NOISE: f32 = 48.0;
 const SHIFT: u64 = 3;
 
 struct Wave {
@@ -28,7 +27,7 @@ fn class_waves(seed: u64, class: usize) -> Vec<Wave> {
         .collect()
 }
 
-fn sample(waves: &[Wave], side: usize, r: &mut Rng, out: &mut [u8]) {
+fn sample(waves: &[Wave], side: usize, noise: f32, r: &mut Rng, out: &mut [u8]) {
     let span = 2 * SHIFT + 1;
     let sx = r.below(span) as f32 - SHIFT as f32;
     let sy = r.below(span) as f32 - SHIFT as f32;
@@ -42,14 +41,14 @@ fn sample(waves: &[Wave], side: usize, r: &mut Rng, out: &mut [u8]) {
                     .iter()
                     .map(|w| w.colour[c] * (w.fx * xf + w.fy * yf + w.phase).sin())
                     .sum();
-                let v = brightness + contrast * 40.0 * s + NOISE * r.normal();
+                let v = brightness + contrast * 24.0 * s + noise * r.normal();
                 out[(c * side + y) * side + x] = v.clamp(0.0, 255.0) as u8;
             }
         }
     }
 }
 
-fn generate(seed: u64, split: &str, n: usize, side: usize) -> ImageSet {
+fn generate(seed: u64, split: &str, n: usize, side: usize, noise: f32) -> ImageSet {
     let waves: Vec<Vec<Wave>> = (0..CLASSES).map(|c| class_waves(seed, c)).collect();
     let px = CHANNELS * side * side;
     let mut set = ImageSet {
@@ -60,17 +59,24 @@ fn generate(seed: u64, split: &str, n: usize, side: usize) -> ImageSet {
     for i in 0..n {
         let mut r = Rng::derive(seed, split, i as u64);
         let label = r.below(CLASSES as u64) as usize;
-        sample(&waves[label], side, &mut r, &mut set.images[i * px..(i + 1) * px]);
+        sample(
+            &waves[label],
+            side,
+            noise,
+            &mut r,
+            &mut set.images[i * px..(i + 1) * px],
+        );
         set.labels.push(label as u8);
     }
     set
 }
 
-/// Images of 3 x side x side (32 is CIFAR's shape; tests use smaller ones).
-pub fn splits(seed: u64, train: usize, test: usize, side: usize) -> Splits {
+/// Images of 3 x side x side (32 is CIFAR's shape; tests use smaller ones) with pixel noise of
+/// standard deviation `noise` (in 0..255 units; the class pattern's amplitude is about 24).
+pub fn splits(seed: u64, train: usize, test: usize, side: usize, noise: f32) -> Splits {
     Splits {
-        train: generate(seed, "synthetic-train", train, side),
-        test: generate(seed, "synthetic-test", test, side),
+        train: generate(seed, "synthetic-train", train, side, noise),
+        test: generate(seed, "synthetic-test", test, side, noise),
     }
 }
 
@@ -80,11 +86,11 @@ mod tests {
 
     #[test]
     fn reproducible_balanced_and_not_constant() {
-        let a = splits(1, 400, 10, 32);
-        let b = splits(1, 400, 10, 32);
+        let a = splits(1, 400, 10, 32, 96.0);
+        let b = splits(1, 400, 10, 32, 96.0);
         assert_eq!(a.train.images, b.train.images);
         assert_eq!(a.test.labels, b.test.labels);
-        assert_ne!(a.train.images, splits(2, 400, 10, 32).train.images);
+        assert_ne!(a.train.images, splits(2, 400, 10, 32, 96.0).train.images);
         let mut hist = [0usize; CLASSES];
         for &l in &a.train.labels {
             hist[l as usize] += 1;
@@ -97,7 +103,7 @@ mod tests {
     /// Nearest class mean must beat chance by far, or no network could learn it quickly.
     #[test]
     fn classes_are_separable_by_a_simple_rule() {
-        let s = splits(3, 2000, 500, 32);
+        let s = splits(3, 2000, 500, 32, 96.0);
         let mut means = vec![vec![0f32; s.train.pixels()]; CLASSES];
         let mut counts = [0f32; CLASSES];
         for i in 0..s.train.len() {

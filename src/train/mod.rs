@@ -40,6 +40,7 @@ pub fn load_data(cfg: &Config) -> Result<Splits> {
             cfg.data.synthetic_train,
             cfg.data.synthetic_test,
             cfg.data.synthetic_side,
+            cfg.data.synthetic_noise,
         )),
         DataSource::Cifar10 => {
             let dir = cfg.data.dir.as_deref().context("data.dir is required for cifar10")?;

@@ -95,19 +95,9 @@ impl Window {
     }
 
     fn to_vec(&self) -> Vec<f64> {
-        vec![
-            self.loss_sum,
-            self.correct,
-            self.samples,
-            self.steps,
-            self.t_compute,
-            self.t_aggregate,
-            self.t_optimizer,
-            self.last.sent as f64,
-            self.last.recv as f64,
-            self.total.sent as f64,
-            self.total.recv as f64,
-        ]
+        let mut v = self.snapshot().to_vec();
+        v.extend([self.t_compute, self.t_aggregate, self.t_optimizer]);
+        v
     }
 
     /// Every rank's window, on every rank.
@@ -120,12 +110,12 @@ impl Window {
             loss_sum: sum(0),
             correct: sum(1),
             samples: sum(2),
-            per_step: [4, 5, 6]
+            per_step: [8, 9, 10]
                 .map(|i| col(i).iter().zip(col(3)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
-            last_sent: ints(7),
-            last_recv: ints(8),
-            total_sent: ints(9),
-            total_recv: ints(10),
+            last_sent: ints(4),
+            last_recv: ints(5),
+            total_sent: ints(6),
+            total_recv: ints(7),
         })
     }
 }

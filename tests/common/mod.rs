@@ -14,6 +14,7 @@ arch = "resnet20"
 [data]
 source = "synthetic"
 synthetic_side = 8
+synthetic_noise = 30
 synthetic_train = 96
 synthetic_test = 60
 augment = true
