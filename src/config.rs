@@ -33,6 +33,17 @@ fn default_name() -> String {
 #[serde(rename_all = "kebab-case")]
 pub enum Arch {
     Resnet20,
+    Vgg16,
+}
+
+impl Arch {
+    /// The image side must be a multiple of this, and why.
+    pub fn side_multiple(self) -> (usize, &'static str) {
+        match self {
+            Arch::Resnet20 => (4, "ResNet-20 halves it twice"),
+            Arch::Vgg16 => (32, "VGG-16 halves it five times"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -162,6 +173,8 @@ pub enum Backend {
     /// Workers as threads of this process.
     #[default]
     Local,
+    /// One worker per process, started by a launcher (torchrun, mpirun, srun, scripts/launch.sh).
+    Tcp,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -174,6 +187,13 @@ pub struct DistConfig {
     /// Seconds a worker waits for a peer before it gives up with an error naming the peer.
     #[serde(default = "default_timeout")]
     pub timeout: f64,
+    /// tcp: the address this process's listeners bind to (rank 0's rendezvous store included).
+    #[serde(default = "default_bind")]
+    pub bind: String,
+}
+
+fn default_bind() -> String {
+    "0.0.0.0".into()
 }
 
 fn default_workers() -> usize {
@@ -189,6 +209,7 @@ impl Default for DistConfig {
             workers: default_workers(),
             backend: Backend::Local,
             timeout: default_timeout(),
+            bind: default_bind(),
         }
     }
 }
@@ -380,6 +401,12 @@ impl Config {
                 self.dist.timeout
             ),
         );
+        if self.dist.bind.parse::<std::net::IpAddr>().is_err() {
+            errs.push(format!(
+                "dist.bind = \"{}\": not an IP address (e.g. \"0.0.0.0\")",
+                self.dist.bind
+            ));
+        }
         match self.sparse.density.schedule() {
             Err(e) => errs.push(e.to_string()),
             Ok(s) if s.is_empty() => errs.push("sparse.density = []: the list needs at least one value".into()),
@@ -406,9 +433,10 @@ impl Config {
                 ));
             }
             let side = self.data.synthetic_side;
-            if side < 4 || !side.is_multiple_of(4) {
+            let (multiple, why) = self.model.arch.side_multiple();
+            if side == 0 || !side.is_multiple_of(multiple) {
                 errs.push(format!(
-                    "data.synthetic_side = {side}: must be a multiple of 4, at least 4 (ResNet-20 halves it twice)"
+                    "data.synthetic_side = {side}: must be a positive multiple of {multiple} ({why})"
                 ));
             }
             let noise = self.data.synthetic_noise;

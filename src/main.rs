@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gtopk::comm::Overrides;
 use gtopk::config::Config;
 use gtopk::train::{self, RunOptions};
 use std::io::IsTerminal;
@@ -37,6 +38,8 @@ enum Command {
         /// No progress bar, plain log lines (the default when stderr is not a terminal).
         #[arg(long)]
         plain: bool,
+        #[command(flatten)]
+        launch: LaunchArgs,
     },
     /// Evaluate a saved model on the test split; prints one JSON line {"loss", "accuracy", "samples"}.
     Eval {
@@ -54,6 +57,28 @@ enum Command {
         #[command(subcommand)]
         what: Bench,
     },
+}
+
+/// For `dist.backend = "tcp"`: these override what torchrun, mpirun, srun or scripts/launch.sh put
+/// in the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT and their MPI/Slurm
+/// equivalents).
+#[derive(clap::Args)]
+struct LaunchArgs {
+    /// This process's rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of processes in the job.
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Rank on this host.
+    #[arg(long)]
+    local_rank: Option<usize>,
+    /// Host of rank 0, which hosts the rendezvous store.
+    #[arg(long)]
+    master_addr: Option<String>,
+    /// Port of the rendezvous store.
+    #[arg(long)]
+    master_port: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -115,12 +140,20 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             overrides,
             plain,
+            launch,
         } => {
             let cfg = Config::load(&config, &overrides)?;
             let opts = RunOptions {
                 run_dir: resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name)),
                 resume: resume.is_some(),
                 progress: !plain && std::io::stderr().is_terminal(),
+                launch: Overrides {
+                    rank: launch.rank,
+                    world_size: launch.world_size,
+                    local_rank: launch.local_rank,
+                    master_addr: launch.master_addr,
+                    master_port: launch.master_port,
+                },
             };
             eprintln!(
                 "training {} ({:?}, {} workers, {:?}) into {}",
@@ -132,6 +165,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             let s = train::train(&cfg, &opts)?;
             let test = s.test.context("the run ended without an evaluation")?;
+            if s.rank != 0 {
+                return Ok(());
+            }
             println!(
                 "{}",
                 serde_json::json!({

@@ -4,12 +4,17 @@
 //! override them.
 
 mod collectives;
+pub mod launch;
 pub mod local;
+pub mod rendezvous;
+pub mod tcp;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 pub use collectives::{broadcast_schedule, ring_chunks};
+pub use launch::{LaunchInfo, Overrides};
+pub use tcp::{TcpComm, TcpOptions};
 
 /// Bytes this endpoint has put on / taken off the wire since it was created.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

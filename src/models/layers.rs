@@ -5,7 +5,7 @@ use super::builder::{Builder, Init};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::BatchNorm;
 
-/// 2-D convolution, weight [out, in, k, k], optional bias.
+/// 2-D convolution, weight [out, in, k, k], and a bias when `bias` says how to initialise one.
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -22,14 +22,13 @@ impl Conv2d {
         k: usize,
         stride: usize,
         padding: usize,
-        bias: bool,
         init: Init,
+        bias: Option<Init>,
     ) -> Result<Self> {
         let weight = b.var("weight", (cout, cin, k, k), init)?;
-        let bias = if bias {
-            Some(b.var("bias", cout, Init::Const(0.0))?)
-        } else {
-            None
+        let bias = match bias {
+            Some(i) => Some(b.var("bias", cout, i)?),
+            None => None,
         };
         Ok(Self {
             weight,

@@ -4,6 +4,7 @@
 pub mod builder;
 pub mod layers;
 pub mod resnet20;
+pub mod vgg16;
 
 use crate::config::Arch;
 use anyhow::{bail, Context, Result};
@@ -16,6 +17,7 @@ use std::path::Path;
 
 enum Net {
     Resnet20(resnet20::ResNet20),
+    Vgg16(vgg16::Vgg16),
 }
 
 pub struct Model {
@@ -36,6 +38,7 @@ impl Model {
         let b = Builder::new(&varmap, seed, device);
         let net = match arch {
             Arch::Resnet20 => Net::Resnet20(resnet20::ResNet20::new(&b, crate::data::CLASSES)?),
+            Arch::Vgg16 => Net::Vgg16(vgg16::Vgg16::new(&b, crate::data::CLASSES)?),
         };
         let mut all: Vec<(String, Var)> = varmap
             .data()
@@ -59,6 +62,7 @@ impl Model {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match &self.net {
             Net::Resnet20(m) => m.forward(x, train)?,
+            Net::Vgg16(m) => m.forward(x, train)?,
         })
     }
 
@@ -212,6 +216,27 @@ mod tests {
         assert!(m.buffers.iter().any(|(n, _)| n == "stage_3.2.bn_b.running_var"));
         let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(m.forward(&x, false).unwrap().dims(), &[2, 10]);
+    }
+
+    #[test]
+    fn vgg16_names_count_and_shape() {
+        let m = Model::new(Arch::Vgg16, 0, &Device::Cpu).unwrap();
+        assert_eq!(m.num_params(), 14_728_266);
+        let names: Vec<&str> = m.params().iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "features.0.weight",
+            "features.0.bias",
+            "features.1.weight",
+            "features.41.bias",
+            "fc.weight",
+            "fc.bias",
+        ] {
+            assert!(names.contains(&want), "missing {want}");
+        }
+        assert!(m.buffers.iter().any(|(n, _)| n == "features.42.running_var"));
+        assert_eq!(m.buffers.len(), 2 * 13);
+        let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(m.forward(&x, false).unwrap().dims(), &[1, 10]);
     }
 
     #[test]

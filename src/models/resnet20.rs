@@ -12,7 +12,7 @@ const WIDTHS: [usize; 3] = [16, 32, 64];
 
 fn conv3x3(b: &Builder, cin: usize, cout: usize, stride: usize) -> Result<Conv2d> {
     let std = (2.0 / (9.0 * cout as f32)).sqrt();
-    Conv2d::new(b, cin, cout, 3, stride, 1, false, Init::Normal { std })
+    Conv2d::new(b, cin, cout, 3, stride, 1, Init::Normal { std }, None)
 }
 
 struct BasicBlock {

@@ -1,4 +1,5 @@
-//! Training jobs: the run directory, the workers (threads over the local communicator), resume.
+//! Training jobs: the run directory, the workers (threads over the local communicator, or this
+//! process's one worker over TCP), resume.
 
 pub mod checkpoint;
 pub mod metrics;
@@ -10,7 +11,9 @@ mod worker;
 pub use worker::{evaluate_indices, EvalStats, Position};
 
 use crate::comm::local::LocalComm;
-use crate::config::{Config, DataSource};
+use crate::comm::rendezvous::job_token;
+use crate::comm::{Communicator, LaunchInfo, Overrides, TcpComm, TcpOptions};
+use crate::config::{Backend, Config, DataSource};
 use crate::data::{cifar, synthetic, Splits};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -24,10 +27,15 @@ pub struct RunOptions {
     pub resume: bool,
     /// A progress bar (on a terminal); plain log lines otherwise.
     pub progress: bool,
+    /// tcp backend: rank, world size and master address given on the command line (they win
+    /// over the launcher's environment).
+    pub launch: Overrides,
 }
 
 #[derive(Debug)]
 pub struct Summary {
+    /// This process's rank (0 for the local backend, which runs every worker).
+    pub rank: usize,
     pub steps: u64,
     pub test: Option<EvalStats>,
     pub wall_s: f64,
@@ -88,6 +96,76 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    match cfg.dist.backend {
+        Backend::Local => train_local(cfg, opts),
+        Backend::Tcp => train_process(cfg, opts),
+    }
+}
+
+/// This process is one rank of a job over TCP: join the job, let rank 0 set up the run directory,
+/// then train.
+fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    let started = Instant::now();
+    let info = LaunchInfo::from_env(&opts.launch)?;
+    let rank = info.rank;
+    if info.world_size != cfg.dist.workers {
+        bail!(
+            "rank {rank}: dist.workers = {} but the launcher started {} processes ({} world size)",
+            cfg.dist.workers,
+            info.world_size,
+            info.source
+        );
+    }
+    let port = info.master_port.unwrap_or(0);
+    let secret = std::env::var("GTOPK_JOB_SECRET").unwrap_or_else(|_| "gtopk".into());
+    let mut topts = TcpOptions::new(job_token(port, &secret), cfg.fingerprint(), env!("CARGO_PKG_VERSION"));
+    topts.timeout = Duration::from_secs_f64(cfg.dist.timeout);
+    topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
+    let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
+    let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
+    let data = Arc::new(load_data(cfg)?);
+    let mut w = Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), data).with_context(|| format!("rank {rank}"))?;
+    if let Some(dir) = &resume_from {
+        w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+    }
+    let (test, steps) = w.run(opts.progress).with_context(|| format!("rank {rank}"))?;
+    Ok(Summary {
+        rank,
+        steps,
+        test,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Rank 0 alone prepares the run directory (two ranks checking "is it empty?" would race); the
+/// others learn the outcome from it, so a refusal stops every rank with rank 0's reason.
+fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
+    let mine = if comm.rank() == 0 {
+        Some(prepare_run_dir(cfg, opts))
+    } else {
+        None
+    };
+    let mut msg = match &mine {
+        Some(Ok(resume)) => serde_json::to_vec(&serde_json::json!({ "ok": true, "resume": resume }))?,
+        Some(Err(e)) => serde_json::to_vec(&serde_json::json!({ "ok": false, "error": format!("{e:#}") }))?,
+        None => Vec::new(),
+    };
+    comm.broadcast(0, &mut msg)?;
+    if let Some(result) = mine {
+        return result;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&msg).context("rank 0's run directory message")?;
+    if v["ok"] != true {
+        bail!(
+            "rank {}: rank 0 refused to start: {}",
+            comm.rank(),
+            v["error"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(v["resume"].as_str().map(PathBuf::from))
+}
+
+fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
     let resume_from = prepare_run_dir(cfg, opts)?;
     let data = Arc::new(load_data(cfg)?);
@@ -131,6 +209,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     }
     let (test, steps) = results.swap_remove(0)?;
     Ok(Summary {
+        rank: 0,
         steps,
         test,
         wall_s: started.elapsed().as_secs_f64(),
@@ -138,7 +217,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
 }
 
 fn comm_rank(c: &LocalComm) -> usize {
-    use crate::comm::Communicator;
     c.rank()
 }
 

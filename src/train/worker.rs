@@ -185,8 +185,10 @@ impl Worker {
             }
             if done || epoch + 1 == t.epochs || (t.eval_every_epochs > 0 && (epoch + 1) % t.eval_every_epochs == 0) {
                 self.last_test = Some(self.evaluate()?);
+                self.log_epoch(epoch, self.last_test)?;
+            } else {
+                self.log_epoch(epoch, None)?;
             }
-            self.log_epoch(epoch)?;
             if done {
                 break;
             }
@@ -330,10 +332,9 @@ impl Worker {
         Ok(())
     }
 
-    fn log_epoch(&mut self, epoch: usize) -> Result<()> {
+    fn log_epoch(&mut self, epoch: usize, test: Option<EvalStats>) -> Result<()> {
         let w = std::mem::take(&mut self.epoch_window);
         let all = w.gather(self.comm.as_mut())?;
-        let test = self.last_test.take();
         let Some(m) = self.metrics.as_mut() else {
             return Ok(());
         };
@@ -356,7 +357,6 @@ impl Worker {
                 None => eprintln!("{line}"),
             }
         }
-        self.last_test = test;
         m.write(&rec)
     }
 

@@ -43,6 +43,7 @@ pub fn run(cfg: &Config, dir: &Path, resume: bool) -> anyhow::Result<Summary> {
             run_dir: dir.to_path_buf(),
             resume,
             progress: false,
+            launch: Default::default(),
         },
     )
 }

@@ -1,0 +1,194 @@
+//! Real processes on loopback with `dist.backend = "tcp"`: the same metrics as the in-process
+//! backend, and clear, bounded failures. Every process a test starts is waited for or killed.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the process when dropped, so a failing test leaves nothing behind.
+struct Rank(Child);
+
+impl Drop for Rank {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
+    cmd.args([
+        "train",
+        cfg.to_str().unwrap(),
+        "--plain",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ])
+    .args(["--set", "dist.backend=tcp"])
+    .env("RANK", rank.to_string())
+    .env("WORLD_SIZE", world.to_string())
+    .env("MASTER_ADDR", "127.0.0.1")
+    .env("MASTER_PORT", port.to_string())
+    .env("RAYON_NUM_THREADS", "1")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    Rank(cmd.spawn().unwrap())
+}
+
+/// Waits for every rank; (exit code, stderr) per rank.
+fn finish(ranks: Vec<Rank>, limit: Duration) -> Vec<(i32, String)> {
+    let start = Instant::now();
+    ranks
+        .into_iter()
+        .map(|mut r| loop {
+            if let Some(status) = r.0.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(r.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+                break (status.code().unwrap_or(-1), err);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "a rank is still running after {limit:?}: something hangs"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        })
+        .collect()
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, common::TINY).unwrap();
+    cfg
+}
+
+#[test]
+fn tcp_processes_match_in_process_workers_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    for method in ["dense", "topk", "gtopk"] {
+        let sets = [
+            &format!("sparse.method={method}")[..],
+            "sparse.density=0.01",
+            "dist.workers=3",
+            "train.batch_size=18",
+            "sparse.delta_every=2",
+        ];
+        let local = dir.path().join(format!("local-{method}"));
+        common::run(&common::config(&sets), &local, false).unwrap();
+        let tcp = dir.path().join(format!("tcp-{method}"));
+        let port = free_port();
+        let ranks = (0..3).map(|r| spawn(&cfg, &tcp, r, 3, port, &sets)).collect();
+        for (r, (code, err)) in finish(ranks, Duration::from_secs(120)).into_iter().enumerate() {
+            assert_eq!(code, 0, "{method}: rank {r} failed: {err}");
+        }
+        assert_eq!(common::records(&local), common::records(&tcp), "{method}");
+    }
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let run = dir.path().join("run");
+    let sets = [
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.epochs=1000",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "dist.timeout=4",
+    ];
+    let port = free_port();
+    let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gtopk::train::checkpoint::list(&run).map(|l| l.len()).unwrap_or(0) < 1
+        || std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < 5
+    {
+        assert!(Instant::now() < deadline, "the job did not get going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let victim = ranks.pop().unwrap();
+    drop(victim); // SIGKILL
+    let killed_at = Instant::now();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(30)).into_iter().enumerate() {
+        assert_ne!(code, 0, "rank {r} should fail");
+        assert!(err.contains("rank 2"), "rank {r} does not name the lost rank: {err}");
+    }
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    let latest = gtopk::train::checkpoint::latest(&run).unwrap().unwrap();
+    gtopk::train::checkpoint::verify(&latest).unwrap();
+}
+
+#[test]
+fn mismatched_ranks_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let base = ["dist.workers=3", "train.batch_size=18", "dist.timeout=10"];
+
+    // Another config on rank 1.
+    let port = free_port();
+    let mut odd = base.to_vec();
+    odd.push("train.lr=0.2");
+    let ranks = (0..3)
+        .map(|r| {
+            spawn(
+                &cfg,
+                &dir.path().join("a"),
+                r,
+                3,
+                port,
+                if r == 1 { &odd } else { &base },
+            )
+        })
+        .collect();
+    let out = finish(ranks, Duration::from_secs(60));
+    for (r, (code, err)) in out.iter().enumerate() {
+        assert_ne!(*code, 0, "rank {r}");
+        assert!(err.contains("rank 1") && err.contains("config"), "rank {r}: {err}");
+    }
+
+    // A rank told the world has 4 processes while dist.workers = 3.
+    let port = free_port();
+    let ranks = vec![spawn(&cfg, &dir.path().join("b"), 0, 4, port, &base)];
+    let (code, err) = &finish(ranks, Duration::from_secs(30))[0];
+    assert_ne!(*code, 0);
+    assert!(
+        err.contains("dist.workers = 3 but the launcher started 4 processes"),
+        "{err}"
+    );
+
+    // The rendezvous port is taken.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let ranks = vec![spawn(
+        &cfg,
+        &dir.path().join("c"),
+        0,
+        3,
+        port,
+        &["dist.workers=3", "train.batch_size=18", "dist.bind=127.0.0.1"],
+    )];
+    let (code, err) = &finish(ranks, Duration::from_secs(30))[0];
+    assert_ne!(*code, 0);
+    assert!(err.contains("in use"), "{err}");
+}
