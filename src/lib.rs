@@ -1,5 +1,6 @@
 //! gtopk: synchronous data-parallel SGD with dense, Top-k and gTop-k aggregation and error feedback.
 
+pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod data;

@@ -2,6 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gtopk::bench::comm::CommRow;
+use gtopk::comm::local::LocalComm;
 use gtopk::comm::Overrides;
 use gtopk::config::Config;
 use gtopk::train::{self, RunOptions};
@@ -99,6 +101,37 @@ enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// Bytes and seconds per aggregation step of dense, Top-k, gTop-k tree and gTop-k recursive
+    /// doubling, with P workers, next to the bytes the schedules predict (an nccl-tests-style table).
+    Comm {
+        /// `local`: workers as threads; `tcp`: P processes of this binary on loopback.
+        #[arg(long, default_value = "tcp")]
+        backend: String,
+        /// Numbers of workers P.
+        #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8, 16])]
+        workers: Vec<usize>,
+        /// Vector sizes d (ResNet-20's 270K and VGG-16's 15M by default).
+        #[arg(long, value_delimiter = ',', default_values_t = [270_000usize, 15_000_000])]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 0.001)]
+        density: f64,
+        /// Timed steps per row (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print the rows as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One rank of `bench comm --backend tcp` (started by it, with the launcher's environment).
+    #[command(hide = true)]
+    CommWorker {
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+        #[arg(long)]
+        density: f64,
+        #[arg(long)]
+        steps: usize,
+    },
 }
 
 fn default_run_dir(name: &str) -> PathBuf {
@@ -123,6 +156,55 @@ fn default_run_dir(name: &str) -> PathBuf {
         rem / 60 % 60,
         rem % 60
     ))
+}
+
+fn bench_comm_local(p: usize, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
+    let handles: Vec<_> = LocalComm::group(p, std::time::Duration::from_secs(600))
+        .into_iter()
+        .map(|mut c| {
+            let sizes = sizes.to_vec();
+            std::thread::spawn(move || gtopk::bench::comm::run_group(&mut c, &sizes, density, steps))
+        })
+        .collect();
+    let mut all: Vec<Result<Vec<CommRow>>> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked"))))
+        .collect();
+    all.swap_remove(0)
+}
+
+/// Starts P processes of this binary on loopback, one rank each, and reads rank 0's rows.
+fn bench_comm_tcp(p: usize, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let mut children = Vec::new();
+    for rank in 0..p {
+        let child = std::process::Command::new(&exe)
+            .args(["bench", "comm-worker", "--sizes", &list(sizes)])
+            .args(["--density", &density.to_string(), "--steps", &steps.to_string()])
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", p.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting a bench rank")?;
+        children.push(child);
+    }
+    let mut rows = Vec::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(out.status.success(), "bench rank {rank} of {p} failed ({})", out.status);
+        if rank == 0 {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                rows.push(serde_json::from_str(line).context("rank 0's output")?);
+            }
+        }
+    }
+    Ok(rows)
 }
 
 fn main() {
@@ -208,6 +290,55 @@ fn run(cli: Cli) -> Result<()> {
                 }
             } else {
                 print!("{}", gtopk::sparse::render_table(&rows));
+            }
+        }
+        Command::Bench {
+            what:
+                Bench::Comm {
+                    backend,
+                    workers,
+                    sizes,
+                    density,
+                    steps,
+                    json,
+                },
+        } => {
+            if !(density > 0.0 && density <= 1.0) {
+                anyhow::bail!("--density {density}: must be in (0, 1]");
+            }
+            let mut rows = Vec::new();
+            for &p in &workers {
+                anyhow::ensure!(p >= 1, "--workers: 0 workers");
+                rows.extend(match backend.as_str() {
+                    "local" => bench_comm_local(p, &sizes, density, steps)?,
+                    "tcp" => bench_comm_tcp(p, &sizes, density, steps)?,
+                    other => anyhow::bail!("--backend {other}: allowed: local, tcp"),
+                });
+            }
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print!("{}", gtopk::bench::comm::render(&rows));
+            }
+        }
+        Command::Bench {
+            what: Bench::CommWorker { sizes, density, steps },
+        } => {
+            let info = gtopk::comm::LaunchInfo::from_env(&Overrides::default())?;
+            let port = info.master_port.unwrap_or(0);
+            let opts = gtopk::comm::TcpOptions::new(
+                gtopk::comm::rendezvous::job_token(port, "gtopk-bench"),
+                0,
+                env!("CARGO_PKG_VERSION"),
+            );
+            let mut comm = gtopk::comm::TcpComm::connect(&info, &opts)?;
+            let rows = gtopk::bench::comm::run_group(&mut comm, &sizes, density, steps)?;
+            if info.rank == 0 {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
             }
         }
     }

@@ -1,10 +1,15 @@
 //! Data sets and the distributed sampler. Images are kept as raw bytes (CIFAR's layout: label, then
-//! 3x32x32 channel-major pixels) and turned into normalised f32 batches on demand.
+//! 3x32x32 channel-major pixels) and turned into normalised f32 batches on demand; PTB text as word
+//! ids; AN4 audio as log-spectrograms computed once at load time.
 
+pub mod audio;
 pub mod augment;
 pub mod cifar;
+pub mod ptb;
 pub mod sampler;
 pub mod synthetic;
+pub mod synthetic_audio;
+pub mod synthetic_text;
 
 use crate::rng::Rng;
 

@@ -2,6 +2,7 @@
 //! gradient layout that every worker shares; BN running statistics are buffers, kept out of it.
 
 pub mod builder;
+pub mod ctc;
 pub mod layers;
 pub mod resnet20;
 pub mod vgg16;
@@ -233,7 +234,7 @@ mod tests {
         ] {
             assert!(names.contains(&want), "missing {want}");
         }
-        assert!(m.buffers.iter().any(|(n, _)| n == "features.42.running_var"));
+        assert!(m.buffers.iter().any(|(n, _)| n == "features.41.running_var"));
         assert_eq!(m.buffers.len(), 2 * 13);
         let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(m.forward(&x, false).unwrap().dims(), &[1, 10]);

@@ -1,0 +1,4 @@
+pub mod an4;
+pub mod bucket;
+pub mod stft;
+pub mod wav;
