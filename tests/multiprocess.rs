@@ -26,22 +26,21 @@ impl Drop for Rank {
 }
 
 fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
+    spawn_as("--run-dir", cfg, run, rank, world, port, sets)
+}
+
+/// `how` is `--run-dir` for a new run or `--resume` to continue one.
+fn spawn_as(how: &str, cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
-    cmd.args([
-        "train",
-        cfg.to_str().unwrap(),
-        "--plain",
-        "--run-dir",
-        run.to_str().unwrap(),
-    ])
-    .args(["--set", "dist.backend=tcp"])
-    .env("RANK", rank.to_string())
-    .env("WORLD_SIZE", world.to_string())
-    .env("MASTER_ADDR", "127.0.0.1")
-    .env("MASTER_PORT", port.to_string())
-    .env("RAYON_NUM_THREADS", "1")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
+        .args(["--set", "dist.backend=tcp"])
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     for s in sets {
         cmd.args(["--set", s]);
     }
@@ -137,6 +136,27 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     );
     let latest = gtopk::train::checkpoint::latest(&run).unwrap().unwrap();
     gtopk::train::checkpoint::verify(&latest).unwrap();
+
+    // Every rank resumes from it and finishes two more steps.
+    let step: u64 = latest.file_name().unwrap().to_str().unwrap()["step-".len()..]
+        .parse()
+        .unwrap();
+    let stop = format!("train.max_steps={}", step + 2);
+    let mut again = sets.to_vec();
+    again.push(&stop);
+    let port = free_port();
+    let ranks = (0..3)
+        .map(|r| spawn_as("--resume", &cfg, &run, r, 3, port, &again))
+        .collect();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(60)).into_iter().enumerate() {
+        assert_eq!(code, 0, "rank {r} could not resume: {err}");
+    }
+    let newest = gtopk::train::checkpoint::latest(&run).unwrap().unwrap();
+    assert!(
+        newest.ends_with(format!("step-{:08}", step + 2)),
+        "{}",
+        newest.display()
+    );
 }
 
 #[test]
