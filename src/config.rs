@@ -34,6 +34,8 @@ fn default_name() -> String {
 pub enum Arch {
     Resnet20,
     Vgg16,
+    /// The authors' 2-layer LSTM language model for PTB.
+    LstmPtb,
 }
 
 impl Arch {
@@ -42,6 +44,7 @@ impl Arch {
         match self {
             Arch::Resnet20 => (4, "ResNet-20 halves it twice"),
             Arch::Vgg16 => (32, "VGG-16 halves it five times"),
+            Arch::LstmPtb => (1, "unused"),
         }
     }
 }
@@ -53,15 +56,54 @@ pub struct ModelConfig {
     /// A safetensors file with the model's parameter names (a PyTorch state dict loads as is).
     #[serde(default)]
     pub init_from: Option<String>,
+    /// lstm-ptb: hidden (and embedding) size, LSTM layers, dropout probability.
+    #[serde(default = "default_hidden")]
+    pub hidden: usize,
+    #[serde(default = "default_layers")]
+    pub layers: usize,
+    #[serde(default = "default_dropout")]
+    pub dropout: f32,
+}
+
+fn default_hidden() -> usize {
+    1500
+}
+fn default_layers() -> usize {
+    2
+}
+fn default_dropout() -> f32 {
+    0.65
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            arch: Arch::Resnet20,
+            init_from: None,
+            hidden: default_hidden(),
+            layers: default_layers(),
+            dropout: default_dropout(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum DataSource {
-    /// Generated from the seed; needs no download.
+    /// CIFAR-shaped images generated from the seed; needs no download.
     Synthetic,
     /// The CIFAR-10 binary version in `data.dir`.
     Cifar10,
+    /// A word corpus generated from the seed (a sparse Markov chain), with PTB's layout.
+    SyntheticText,
+    /// Penn Treebank: `ptb.train.txt`, `ptb.valid.txt`, `ptb.test.txt` in `data.dir`.
+    Ptb,
+}
+
+impl DataSource {
+    fn is_text(self) -> bool {
+        matches!(self, DataSource::SyntheticText | DataSource::Ptb)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -82,6 +124,19 @@ pub struct DataConfig {
     /// Pixel noise of the synthetic images (standard deviation, 0..255 scale): the difficulty.
     #[serde(default = "default_synth_noise")]
     pub synthetic_noise: f32,
+    /// synthetic-text: vocabulary size (synthetic_train / synthetic_test count windows of seq_len).
+    #[serde(default = "default_synth_vocab")]
+    pub synthetic_vocab: usize,
+    /// Text: tokens per training window (the authors' 35).
+    #[serde(default = "default_seq_len")]
+    pub seq_len: usize,
+}
+
+fn default_synth_vocab() -> usize {
+    10_000
+}
+fn default_seq_len() -> usize {
+    35
 }
 
 fn default_synth_noise() -> f32 {
@@ -421,8 +476,33 @@ impl Config {
         if self.sparse.momentum_correction && self.train.momentum == 0.0 {
             errs.push("sparse.momentum_correction = true needs train.momentum > 0 (its momentum factor)".into());
         }
-        if self.data.source == DataSource::Cifar10 && self.data.dir.is_none() {
-            errs.push("data.dir is required when data.source = \"cifar10\"".into());
+        let (src, arch) = (self.data.source, self.model.arch);
+        if matches!(src, DataSource::Cifar10 | DataSource::Ptb) && self.data.dir.is_none() {
+            errs.push(format!(
+                "data.dir is required when data.source = {:?}",
+                format!("{src:?}").to_lowercase()
+            ));
+        }
+        if src.is_text() != (arch == Arch::LstmPtb) {
+            errs.push(format!(
+                "model.arch = {arch:?} does not fit data.source = {src:?}: lstm-ptb takes ptb or synthetic-text, \
+                 resnet20 and vgg16 take cifar10 or synthetic"
+            ));
+        }
+        if src.is_text() && self.data.seq_len == 0 {
+            errs.push("data.seq_len = 0: must be at least 1".into());
+        }
+        if src == DataSource::SyntheticText && self.data.synthetic_vocab < 2 {
+            errs.push(format!(
+                "data.synthetic_vocab = {}: must be at least 2",
+                self.data.synthetic_vocab
+            ));
+        }
+        if arch == Arch::LstmPtb && (self.model.hidden == 0 || self.model.layers == 0) {
+            errs.push("model.hidden and model.layers must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            errs.push(format!("model.dropout = {}: allowed [0, 1)", self.model.dropout));
         }
         if self.data.source == DataSource::Synthetic {
             let (n, m) = (self.data.synthetic_train, self.data.synthetic_test);

@@ -136,3 +136,57 @@ fn origin_index_reports_the_mass_it_loses() {
     assert_eq!(lost.len(), 4);
     assert!(lost.iter().all(|&l| l >= 0.0));
 }
+
+const TINY_LM: &[&str] = &[
+    "model.arch=lstm-ptb",
+    "model.hidden=16",
+    "model.layers=2",
+    "model.dropout=0.1",
+    "data.source=synthetic-text",
+    "data.synthetic_vocab=50",
+    "data.synthetic_train=96",
+    "data.synthetic_test=12",
+    "data.seq_len=8",
+    "train.lr=20",
+    "train.momentum=0",
+    "train.clip_norm=0.25",
+    "train.warmup_epochs=0",
+    "train.batch_size=8",
+];
+
+#[test]
+fn the_language_model_learns_and_resumes_exactly_with_its_hidden_state() {
+    let mut sets = TINY_LM.to_vec();
+    sets.extend([
+        "sparse.method=gtopk",
+        "sparse.density=0.2",
+        "train.epochs=8",
+        "train.checkpoint_every=5",
+    ]);
+    let whole = tempfile::tempdir().unwrap();
+    let s = run(&config(&sets), whole.path(), false).unwrap();
+    let recs = records(whole.path());
+    let epochs: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "epoch").collect();
+    let first = epochs[0]["train_loss"].as_f64().unwrap();
+    let last = epochs[7]["train_loss"].as_f64().unwrap();
+    assert!(last < first - 0.4, "train loss {first} -> {last}");
+    assert!(epochs[7]["test_perplexity"].as_f64().unwrap() < 40.0, "{:?}", epochs[7]);
+    assert_eq!(s.steps, 96);
+
+    // Stop mid-epoch (the hidden state is carried across batches) and resume.
+    let parts = tempfile::tempdir().unwrap();
+    let mut first_part = sets.clone();
+    first_part.push("train.max_steps=20");
+    run(&config(&first_part), parts.path(), false).unwrap();
+    run(&config(&sets), parts.path(), true).unwrap();
+    assert_eq!(recs, records(parts.path()));
+}
+
+#[test]
+fn arch_and_data_must_fit() {
+    let e = format!(
+        "{:#}",
+        gtopk::config::Config::parse(common::TINY, &["model.arch=lstm-ptb".into()]).unwrap_err()
+    );
+    assert!(e.contains("does not fit data.source"), "{e}");
+}

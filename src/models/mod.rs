@@ -3,11 +3,14 @@
 
 pub mod builder;
 pub mod ctc;
+pub mod dropout;
 pub mod layers;
+pub mod lstm;
+pub mod ptb_lm;
 pub mod resnet20;
 pub mod vgg16;
 
-use crate::config::Arch;
+use crate::config::{Arch, ModelConfig};
 use anyhow::{bail, Context, Result};
 use builder::Builder;
 use candle_core::backprop::GradStore;
@@ -16,9 +19,10 @@ use candle_nn::VarMap;
 use std::collections::HashMap;
 use std::path::Path;
 
-enum Net {
+pub enum Net {
     Resnet20(resnet20::ResNet20),
     Vgg16(vgg16::Vgg16),
+    PtbLm(ptb_lm::PtbLm),
 }
 
 pub struct Model {
@@ -34,12 +38,24 @@ fn is_buffer(name: &str) -> bool {
 }
 
 impl Model {
+    /// An image classifier for the 10 CIFAR classes.
     pub fn new(arch: Arch, seed: u64, device: &Device) -> Result<Self> {
+        let cfg = ModelConfig {
+            arch,
+            ..ModelConfig::default()
+        };
+        Self::build(&cfg, crate::data::CLASSES, seed, device)
+    }
+
+    /// `outputs`: classes of a classifier, or the vocabulary of a language model.
+    pub fn build(cfg: &ModelConfig, outputs: usize, seed: u64, device: &Device) -> Result<Self> {
+        let arch = cfg.arch;
         let varmap = VarMap::new();
         let b = Builder::new(&varmap, seed, device);
         let net = match arch {
-            Arch::Resnet20 => Net::Resnet20(resnet20::ResNet20::new(&b, crate::data::CLASSES)?),
-            Arch::Vgg16 => Net::Vgg16(vgg16::Vgg16::new(&b, crate::data::CLASSES)?),
+            Arch::Resnet20 => Net::Resnet20(resnet20::ResNet20::new(&b, outputs)?),
+            Arch::Vgg16 => Net::Vgg16(vgg16::Vgg16::new(&b, outputs)?),
+            Arch::LstmPtb => Net::PtbLm(ptb_lm::PtbLm::new(&b, outputs, cfg.hidden, cfg.layers, cfg.dropout)?),
         };
         let mut all: Vec<(String, Var)> = varmap
             .data()
@@ -60,11 +76,17 @@ impl Model {
         })
     }
 
+    /// Logits of an image classifier.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         Ok(match &self.net {
             Net::Resnet20(m) => m.forward(x, train)?,
             Net::Vgg16(m) => m.forward(x, train)?,
+            Net::PtbLm(_) => bail!("{:?} is not an image classifier", self.arch),
         })
+    }
+
+    pub fn net(&self) -> &Net {
+        &self.net
     }
 
     /// Trainable parameters in flat-layout order.
@@ -238,6 +260,31 @@ mod tests {
         assert_eq!(m.buffers.len(), 2 * 13);
         let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(m.forward(&x, false).unwrap().dims(), &[1, 10]);
+    }
+
+    #[test]
+    fn ptb_lm_names_and_count() {
+        let cfg = ModelConfig {
+            arch: Arch::LstmPtb,
+            ..ModelConfig::default()
+        };
+        // Shapes only: a small vocabulary keeps the test light; the count formula is exact.
+        let m = Model::build(&cfg, 100, 0, &Device::Cpu).unwrap();
+        let (v, h) = (100, 1500);
+        let lstm = 2 * (4 * h * (h + h) + 2 * 4 * h);
+        assert_eq!(m.num_params(), v * h + lstm + h * v + v);
+        // With PTB's 10000 words: the authors' 66M.
+        assert_eq!(10_000 * h + lstm + h * 10_000 + 10_000, 66_034_000);
+        let names: Vec<&str> = m.params().iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "word_embeddings.weight",
+            "lstm.weight_ih_l0",
+            "lstm.bias_hh_l1",
+            "sm_fc.weight",
+            "sm_fc.bias",
+        ] {
+            assert!(names.contains(&want), "missing {want}");
+        }
     }
 
     #[test]

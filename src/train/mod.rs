@@ -6,15 +6,17 @@ pub mod metrics;
 pub mod optim;
 pub mod schedule;
 mod stats;
+pub mod task;
 mod worker;
 
-pub use worker::{evaluate_indices, EvalStats, Position};
+pub use task::Dataset;
+pub use worker::{EvalStats, Position};
 
 use crate::comm::local::LocalComm;
 use crate::comm::rendezvous::job_token;
 use crate::comm::{Communicator, LaunchInfo, Overrides, TcpComm, TcpOptions};
 use crate::config::{Backend, Config, DataSource};
-use crate::data::{cifar, synthetic, Splits};
+use crate::data::{cifar, ptb, synthetic, synthetic_text};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,20 +43,36 @@ pub struct Summary {
     pub wall_s: f64,
 }
 
-pub fn load_data(cfg: &Config) -> Result<Splits> {
-    match cfg.data.source {
-        DataSource::Synthetic => Ok(synthetic::splits(
+pub fn load_data(cfg: &Config) -> Result<Dataset> {
+    let d = &cfg.data;
+    let dir = || {
+        d.dir
+            .as_deref()
+            .map(Path::new)
+            .context("data.dir is required for this data.source")
+    };
+    Ok(match d.source {
+        DataSource::Synthetic => Dataset::Images(Arc::new(synthetic::splits(
             cfg.seed,
-            cfg.data.synthetic_train,
-            cfg.data.synthetic_test,
-            cfg.data.synthetic_side,
-            cfg.data.synthetic_noise,
-        )),
-        DataSource::Cifar10 => {
-            let dir = cfg.data.dir.as_deref().context("data.dir is required for cifar10")?;
-            cifar::load(Path::new(dir)).context("data.dir")
+            d.synthetic_train,
+            d.synthetic_test,
+            d.synthetic_side,
+            d.synthetic_noise,
+        ))),
+        DataSource::Cifar10 => Dataset::Images(Arc::new(cifar::load(dir()?).context("data.dir")?)),
+        DataSource::SyntheticText => {
+            let tokens = |windows: usize| windows * d.seq_len + 1;
+            let corpus = synthetic_text::corpus(
+                cfg.seed,
+                d.synthetic_vocab,
+                tokens(d.synthetic_train),
+                tokens(d.synthetic_test),
+                tokens(d.synthetic_test),
+            );
+            Dataset::Text(Arc::new(corpus))
         }
-    }
+        DataSource::Ptb => Dataset::Text(Arc::new(ptb::load(dir()?).context("data.dir")?)),
+    })
 }
 
 /// Creates (or, on resume, reopens) the run directory; refuses to mix two runs in one directory.
@@ -123,8 +141,9 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
     let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
     let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
-    let data = Arc::new(load_data(cfg)?);
-    let mut w = Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), data).with_context(|| format!("rank {rank}"))?;
+    let data = load_data(cfg)?;
+    let mut w =
+        Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
     if let Some(dir) = &resume_from {
         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
     }
@@ -182,7 +201,7 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm_rank(&comm);
                     let mut w =
-                        Worker::new(&cfg, run_dir, Box::new(comm), data).with_context(|| format!("rank {rank}"))?;
+                        Worker::new(&cfg, run_dir, Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }
@@ -234,14 +253,14 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
         path.to_path_buf()
     };
     let data = load_data(cfg)?;
-    let model = crate::models::Model::new(cfg.model.arch, cfg.seed, &candle_core::Device::Cpu)?;
+    let model = crate::models::Model::build(&cfg.model, data.outputs(), cfg.seed, &candle_core::Device::Cpu)?;
     model.load(&file)?;
-    let idx: Vec<usize> = (0..data.test.len()).collect();
-    let (loss_sum, correct) = evaluate_indices(&model, &data, &idx)?;
-    let n = idx.len() as f64;
+    let task = task::make(&data, false, cfg.data.seq_len);
+    let idx: Vec<usize> = (0..task.test_len()).collect();
+    let s = task.eval(&model, &idx)?;
     Ok(EvalStats {
-        loss: loss_sum / n,
-        accuracy: correct / n,
-        samples: idx.len() as u64,
+        loss: s.loss_sum / s.items,
+        accuracy: s.correct / s.items,
+        samples: s.items as u64,
     })
 }

@@ -1,8 +1,8 @@
 //! Per-worker sums over a logging window, gathered to every rank at log time (one small all-gather
 //! per logged step rather than one per step).
 
+use super::task::Stats;
 use crate::comm::{Communicator, Traffic};
-use crate::sparse::StepReport;
 use anyhow::{ensure, Result};
 use serde_json::{json, Value};
 use std::time::Instant;
@@ -11,6 +11,9 @@ pub struct Window {
     start: Instant,
     loss_sum: f64,
     correct: f64,
+    /// What the loss averages over: images, or predicted tokens.
+    items: f64,
+    /// Training samples (images, or token windows), for throughput.
     samples: f64,
     steps: f64,
     t_compute: f64,
@@ -26,6 +29,7 @@ impl Default for Window {
             start: Instant::now(),
             loss_sum: 0.0,
             correct: 0.0,
+            items: 0.0,
             samples: 0.0,
             steps: 0.0,
             t_compute: 0.0,
@@ -38,9 +42,10 @@ impl Default for Window {
 }
 
 impl Window {
-    pub fn add_step(&mut self, loss_sum: f64, correct: f64, samples: f64, t_compute: f64, _r: &Option<StepReport>) {
-        self.loss_sum += loss_sum;
-        self.correct += correct;
+    pub fn add_step(&mut self, s: &Stats, samples: f64, t_compute: f64) {
+        self.loss_sum += s.loss_sum;
+        self.correct += s.correct;
+        self.items += s.items;
         self.samples += samples;
         self.steps += 1.0;
         self.t_compute += t_compute;
@@ -59,10 +64,11 @@ impl Window {
 
     /// The sums that metrics depend on (not the timings), for checkpoints: a resumed run's
     /// first log line then covers the same steps as the uninterrupted run's.
-    pub fn snapshot(&self) -> [f64; 8] {
+    pub fn snapshot(&self) -> [f64; 9] {
         [
             self.loss_sum,
             self.correct,
+            self.items,
             self.samples,
             self.steps,
             self.last.sent as f64,
@@ -72,19 +78,20 @@ impl Window {
         ]
     }
 
-    pub fn restore(s: [f64; 8]) -> Self {
+    pub fn restore(s: [f64; 9]) -> Self {
         Self {
             loss_sum: s[0],
             correct: s[1],
-            samples: s[2],
-            steps: s[3],
+            items: s[2],
+            samples: s[3],
+            steps: s[4],
             last: Traffic {
-                sent: s[4] as u64,
-                recv: s[5] as u64,
+                sent: s[5] as u64,
+                recv: s[6] as u64,
             },
             total: Traffic {
-                sent: s[6] as u64,
-                recv: s[7] as u64,
+                sent: s[7] as u64,
+                recv: s[8] as u64,
             },
             ..Self::default()
         }
@@ -109,13 +116,14 @@ impl Window {
         Ok(Gathered {
             loss_sum: sum(0),
             correct: sum(1),
-            samples: sum(2),
-            per_step: [8, 9, 10]
-                .map(|i| col(i).iter().zip(col(3)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
-            last_sent: ints(4),
-            last_recv: ints(5),
-            total_sent: ints(6),
-            total_recv: ints(7),
+            items: sum(2),
+            samples: sum(3),
+            per_step: [9, 10, 11]
+                .map(|i| col(i).iter().zip(col(4)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
+            last_sent: ints(5),
+            last_recv: ints(6),
+            total_sent: ints(7),
+            total_recv: ints(8),
         })
     }
 }
@@ -123,6 +131,7 @@ impl Window {
 pub struct Gathered {
     loss_sum: f64,
     correct: f64,
+    items: f64,
     pub samples: f64,
     /// Mean over ranks of seconds per step: compute, aggregation, optimizer.
     per_step: [f64; 3],
@@ -134,11 +143,11 @@ pub struct Gathered {
 
 impl Gathered {
     pub fn loss(&self) -> f64 {
-        self.loss_sum / self.samples.max(1.0)
+        self.loss_sum / self.items.max(1.0)
     }
 
     pub fn accuracy(&self) -> f64 {
-        self.correct / self.samples.max(1.0)
+        self.correct / self.items.max(1.0)
     }
 
     pub fn time_split(&self) -> Value {

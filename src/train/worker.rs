@@ -5,19 +5,18 @@ use super::metrics::MetricsWriter;
 use super::optim::Sgd;
 use super::schedule::LrSchedule;
 use super::stats::{gather_f64, Window};
+use super::task::{Dataset, Stats, Task};
 use crate::comm::{bytes_to_f32s, f32s_to_bytes, Communicator};
 use crate::config::{Config, OnNonfinite};
 use crate::data::sampler::Sampler;
-use crate::data::{Splits, CHANNELS};
 use crate::models::Model;
 use crate::rng::Rng;
 use crate::sparse::{Compressor, CompressorConfig, CompressorState, ResidualPolicy, StepOptions, StepReport};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a run starts: step counts done and the position in the epoch.
@@ -40,7 +39,7 @@ pub struct Worker {
     run_dir: PathBuf,
     comm: Box<dyn Communicator>,
     model: Model,
-    data: Arc<Splits>,
+    task: Box<dyn Task>,
     sampler: Sampler,
     sched: LrSchedule,
     compressor: Compressor,
@@ -58,12 +57,11 @@ pub struct Worker {
     checkpointed: Option<u64>,
 }
 
-const EVAL_BATCH: usize = 250;
-
 impl Worker {
-    pub fn new(cfg: &Config, run_dir: PathBuf, comm: Box<dyn Communicator>, data: Arc<Splits>) -> Result<Self> {
+    pub fn new(cfg: &Config, run_dir: PathBuf, comm: Box<dyn Communicator>, data: &Dataset) -> Result<Self> {
         let rank = comm.rank();
-        let model = Model::new(cfg.model.arch, cfg.seed, &Device::Cpu)?;
+        let model = Model::build(&cfg.model, data.outputs(), cfg.seed, &Device::Cpu)?;
+        let task = super::task::make(data, cfg.data.augment, cfg.data.seq_len);
         if let Some(path) = &cfg.model.init_from {
             model.load(path.as_ref()).context("model.init_from")?;
         }
@@ -85,7 +83,7 @@ impl Worker {
         // Under DGC momentum correction the momentum lives in the compressor, before selection.
         let momentum = if dgc.is_some() { 0.0 } else { t.momentum as f32 };
         let sgd = Sgd::new(momentum, t.dampening as f32, t.nesterov, t.weight_decay as f32);
-        let sampler = Sampler::new(cfg.seed, data.train.len(), t.batch_size, cfg.dist.workers);
+        let sampler = Sampler::new(cfg.seed, task.train_len(), t.batch_size, cfg.dist.workers);
         let metrics = if rank == 0 {
             Some(MetricsWriter::open(&run_dir)?)
         } else {
@@ -100,7 +98,7 @@ impl Worker {
             run_dir,
             comm,
             model,
-            data,
+            task,
             sampler,
             compressor,
             sgd,
@@ -124,7 +122,7 @@ impl Worker {
         if steps == 0 {
             bail!(
                 "the training split has {} samples, fewer than one batch of {}",
-                self.data.train.len(),
+                self.task.train_len(),
                 self.cfg.train.batch_size
             );
         }
@@ -140,11 +138,14 @@ impl Worker {
             } else {
                 0
             };
+            if first == 0 {
+                self.task.begin_epoch();
+            }
             for s in first..steps {
                 let lr = self.sched.at(epoch, s, steps);
                 let density = self.cfg.sparse.density.at_epoch(epoch);
                 let t0 = Instant::now();
-                let (loss, correct) = self.forward_backward(&order, epoch, s)?;
+                let (loss, stats) = self.forward_backward(&order, epoch, s)?;
                 let t1 = Instant::now();
                 let report = if self.all_finite(loss)? {
                     let report = self.aggregate(density)?;
@@ -159,9 +160,8 @@ impl Worker {
                     step_in_epoch: s + 1,
                 };
                 let b = self.cfg.worker_batch() as f64;
-                self.window
-                    .add_step(loss as f64 * b, correct, b, (t1 - t0).as_secs_f64(), &report);
-                self.epoch_window.add_step(loss as f64 * b, correct, b, 0.0, &report);
+                self.window.add_step(&stats, b, (t1 - t0).as_secs_f64());
+                self.epoch_window.add_step(&stats, b, 0.0);
                 let delta_step = report.as_ref().is_some_and(|r| r.delta.is_some());
                 if self.pos.step.is_multiple_of(t.log_every as u64) || delta_step || report.is_none() {
                     self.log_step(lr, density, report.as_ref())?;
@@ -207,20 +207,17 @@ impl Worker {
         }
     }
 
-    /// Loss and correct count of this worker's batch; the gradient lands in `self.grad`.
-    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, f64)> {
+    /// This worker's batch through the task; the gradient lands in `self.grad`.
+    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, Stats)> {
         let idx = self.sampler.batch(order, s, self.rank());
-        // The augmentation stream is a function of (seed, step, rank): resuming needs no RNG state.
+        // Augmentation and dropout draw from a stream that is a function of (seed, step, rank):
+        // resuming needs no RNG state.
         let stream = ((epoch * self.sampler.steps_per_epoch() + s) * self.cfg.dist.workers + self.rank()) as u64;
         let mut rng = Rng::derive(self.cfg.seed, "augment", stream);
-        let (x, y) = self.data.train.batch(idx, self.cfg.data.augment.then_some(&mut rng));
-        let (x, y) = to_tensors(x, y, self.data.train.side)?;
-        let logits = self.model.forward(&x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+        let (loss, stats) = self.task.train_loss(&self.model, idx, &mut rng)?;
         let grads = loss.backward()?;
         self.model.flat_grad(&grads, &mut self.grad)?;
-        let correct = correct_count(&logits, &y)?;
-        Ok((loss.to_scalar::<f32>()?, correct))
+        Ok((loss.to_scalar::<f32>()?, stats))
     }
 
     /// Every worker learns whether any worker saw a non-finite loss or gradient; the update is
@@ -299,6 +296,9 @@ impl Worker {
             "bytes_sent": all.last_sent,
             "bytes_recv": all.last_recv,
         });
+        if self.task.perplexity() {
+            rec["perplexity"] = json!(all.loss().exp());
+        }
         match report {
             Some(r) => {
                 rec["k"] = json!(r.k);
@@ -351,6 +351,9 @@ impl Worker {
         if let Some(t) = test {
             rec["test_loss"] = json!(t.loss);
             rec["test_accuracy"] = json!(t.accuracy);
+            if self.task.perplexity() {
+                rec["test_perplexity"] = json!(t.loss.exp());
+            }
             let line = format!("epoch {epoch}: test loss {:.4} accuracy {:.4}", t.loss, t.accuracy);
             match &self.progress {
                 Some(p) => p.println(line),
@@ -371,9 +374,9 @@ impl Worker {
         self.comm.broadcast(0, &mut buf)?;
         self.model.set_flat_buffers(&bytes_to_f32s(&buf)?)?;
         let (p, r) = (self.comm.world_size(), self.rank());
-        let idx: Vec<usize> = (r..self.data.test.len()).step_by(p).collect();
-        let (loss_sum, correct) = evaluate_indices(&self.model, &self.data, &idx)?;
-        let totals = gather_f64(self.comm.as_mut(), &[loss_sum, correct, idx.len() as f64])?;
+        let idx: Vec<usize> = (r..self.task.test_len()).step_by(p).collect();
+        let s = self.task.eval(&self.model, &idx)?;
+        let totals = gather_f64(self.comm.as_mut(), &[s.loss_sum, s.correct, s.items])?;
         let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<f64>();
         let n = sum(2);
         Ok(EvalStats {
@@ -402,6 +405,8 @@ impl Worker {
         if let Some(m) = &state.momentum {
             vectors.push(("dgc_momentum", m));
         }
+        let task_state = self.task.state()?;
+        vectors.extend(task_state.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
         checkpoint::write_vectors(&tmp.join(format!("rank-{}.safetensors", self.rank())), &vectors)?;
         let windows = json!({"window": self.window.snapshot(), "epoch_window": self.epoch_window.snapshot()});
         checkpoint::write_file(
@@ -471,11 +476,14 @@ impl Worker {
         self.compressor
             .load_state(state)
             .with_context(|| format!("{}", file.display()))?;
+        self.task
+            .load_state(&mut mine)
+            .with_context(|| format!("{}", file.display()))?;
         let file = dir.join(format!("rank-{}.json", self.rank()));
         let windows: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)
             .with_context(|| format!("{}: not valid JSON", file.display()))?;
         let window = |key: &str| -> Result<Window> {
-            let s: [f64; 8] = serde_json::from_value(windows[key].clone())
+            let s: [f64; 9] = serde_json::from_value(windows[key].clone())
                 .with_context(|| format!("{}: no valid '{key}'", file.display()))?;
             Ok(Window::restore(s))
         };
@@ -484,36 +492,6 @@ impl Worker {
         self.checkpointed = Some(self.pos.step);
         Ok(())
     }
-}
-
-fn to_tensors(x: Vec<f32>, y: Vec<u32>, side: usize) -> Result<(Tensor, Tensor)> {
-    let n = y.len();
-    let x = Tensor::from_vec(x, (n, CHANNELS, side, side), &Device::Cpu)?;
-    let y = Tensor::from_vec(y, n, &Device::Cpu)?;
-    Ok((x, y))
-}
-
-fn correct_count(logits: &Tensor, y: &Tensor) -> Result<f64> {
-    Ok(logits
-        .argmax(1)?
-        .eq(y)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as f64)
-}
-
-/// Sum of losses and number correct over `idx` of the test split, in evaluation mode.
-pub fn evaluate_indices(model: &Model, data: &Splits, idx: &[usize]) -> Result<(f64, f64)> {
-    let (mut loss_sum, mut correct) = (0.0, 0.0);
-    for chunk in idx.chunks(EVAL_BATCH) {
-        let (x, y) = data.test.batch(chunk, None);
-        let (x, y) = to_tensors(x, y, data.test.side)?;
-        let logits = model.forward(&x, false)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
-        loss_sum += loss * chunk.len() as f64;
-        correct += correct_count(&logits, &y)?;
-    }
-    Ok((loss_sum, correct))
 }
 
 fn progress_bar(total: u64, at: u64) -> ProgressBar {
