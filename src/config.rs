@@ -36,6 +36,8 @@ pub enum Arch {
     Vgg16,
     /// The authors' 2-layer LSTM language model for PTB.
     LstmPtb,
+    /// The authors' DeepSpeech-style acoustic model for AN4 (CTC).
+    LstmAn4,
 }
 
 impl Arch {
@@ -44,7 +46,7 @@ impl Arch {
         match self {
             Arch::Resnet20 => (4, "ResNet-20 halves it twice"),
             Arch::Vgg16 => (32, "VGG-16 halves it five times"),
-            Arch::LstmPtb => (1, "unused"),
+            Arch::LstmPtb | Arch::LstmAn4 => (1, "unused"),
         }
     }
 }
@@ -56,23 +58,36 @@ pub struct ModelConfig {
     /// A safetensors file with the model's parameter names (a PyTorch state dict loads as is).
     #[serde(default)]
     pub init_from: Option<String>,
-    /// lstm-ptb: hidden (and embedding) size, LSTM layers, dropout probability.
-    #[serde(default = "default_hidden")]
-    pub hidden: usize,
-    #[serde(default = "default_layers")]
-    pub layers: usize,
+    /// LSTM models: hidden size and LSTM layers (lstm-ptb: 1500 x 2; lstm-an4: 800 x 5), and
+    /// lstm-ptb's dropout probability.
+    #[serde(default)]
+    pub hidden: Option<usize>,
+    #[serde(default)]
+    pub layers: Option<usize>,
     #[serde(default = "default_dropout")]
     pub dropout: f32,
+    /// lstm-an4: channels of the two convolutions (the authors' 32; fewer for CPU smoke runs).
+    #[serde(default = "default_conv_channels")]
+    pub conv_channels: usize,
 }
 
-fn default_hidden() -> usize {
-    1500
+fn default_conv_channels() -> usize {
+    32
 }
-fn default_layers() -> usize {
-    2
-}
+
 fn default_dropout() -> f32 {
     0.65
+}
+
+impl ModelConfig {
+    pub fn hidden(&self) -> usize {
+        self.hidden
+            .unwrap_or(if self.arch == Arch::LstmAn4 { 800 } else { 1500 })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.layers.unwrap_or(if self.arch == Arch::LstmAn4 { 5 } else { 2 })
+    }
 }
 
 impl Default for ModelConfig {
@@ -80,9 +95,10 @@ impl Default for ModelConfig {
         Self {
             arch: Arch::Resnet20,
             init_from: None,
-            hidden: default_hidden(),
-            layers: default_layers(),
+            hidden: None,
+            layers: None,
             dropout: default_dropout(),
+            conv_channels: default_conv_channels(),
         }
     }
 }
@@ -98,9 +114,23 @@ pub enum DataSource {
     SyntheticText,
     /// Penn Treebank: `ptb.train.txt`, `ptb.valid.txt`, `ptb.test.txt` in `data.dir`.
     Ptb,
+    /// Utterances of tones spelling random words, generated from the seed.
+    SyntheticAudio,
+    /// AN4 as deepspeech.pytorch lays it out: `an4_train_manifest.csv`, `an4_val_manifest.csv` in
+    /// `data.dir` (rows `wav_path,transcript_path`).
+    An4,
 }
 
 impl DataSource {
+    /// The architectures that take this kind of data.
+    fn archs(self) -> &'static [Arch] {
+        match self {
+            DataSource::Synthetic | DataSource::Cifar10 => &[Arch::Resnet20, Arch::Vgg16],
+            DataSource::SyntheticText | DataSource::Ptb => &[Arch::LstmPtb],
+            DataSource::SyntheticAudio | DataSource::An4 => &[Arch::LstmAn4],
+        }
+    }
+
     fn is_text(self) -> bool {
         matches!(self, DataSource::SyntheticText | DataSource::Ptb)
     }
@@ -188,6 +218,9 @@ pub struct TrainConfig {
     pub lr_decay_epochs: Vec<usize>,
     #[serde(default = "default_decay")]
     pub lr_decay_factor: f64,
+    /// The lr is divided by this every epoch (the authors' AN4 recipe: 1.01; 1 = off).
+    #[serde(default = "one_f64")]
+    pub lr_epoch_divisor: f64,
     /// Stop after this many steps in all (0: run every epoch).
     #[serde(default)]
     pub max_steps: usize,
@@ -211,6 +244,9 @@ pub struct TrainConfig {
 
 fn default_decay() -> f64 {
     0.1
+}
+fn one_f64() -> f64 {
+    1.0
 }
 fn default_log_every() -> usize {
     10
@@ -438,6 +474,10 @@ impl Config {
             format!("train.lr_decay_factor = {}: allowed (0, 1]", t.lr_decay_factor),
         );
         need(
+            t.lr_epoch_divisor >= 1.0,
+            format!("train.lr_epoch_divisor = {}: must be >= 1", t.lr_epoch_divisor),
+        );
+        need(
             t.clip_norm >= 0.0,
             format!("train.clip_norm = {}: must be >= 0 (0 = off)", t.clip_norm),
         );
@@ -477,16 +517,16 @@ impl Config {
             errs.push("sparse.momentum_correction = true needs train.momentum > 0 (its momentum factor)".into());
         }
         let (src, arch) = (self.data.source, self.model.arch);
-        if matches!(src, DataSource::Cifar10 | DataSource::Ptb) && self.data.dir.is_none() {
+        if matches!(src, DataSource::Cifar10 | DataSource::Ptb | DataSource::An4) && self.data.dir.is_none() {
             errs.push(format!(
                 "data.dir is required when data.source = {:?}",
                 format!("{src:?}").to_lowercase()
             ));
         }
-        if src.is_text() != (arch == Arch::LstmPtb) {
+        if !src.archs().contains(&arch) {
             errs.push(format!(
-                "model.arch = {arch:?} does not fit data.source = {src:?}: lstm-ptb takes ptb or synthetic-text, \
-                 resnet20 and vgg16 take cifar10 or synthetic"
+                "model.arch = {arch:?} does not fit data.source = {src:?}: resnet20 and vgg16 take cifar10 or \
+                 synthetic, lstm-ptb takes ptb or synthetic-text, lstm-an4 takes an4 or synthetic-audio"
             ));
         }
         if src.is_text() && self.data.seq_len == 0 {
@@ -498,8 +538,8 @@ impl Config {
                 self.data.synthetic_vocab
             ));
         }
-        if arch == Arch::LstmPtb && (self.model.hidden == 0 || self.model.layers == 0) {
-            errs.push("model.hidden and model.layers must be at least 1".into());
+        if self.model.hidden() == 0 || self.model.layers() == 0 || self.model.conv_channels == 0 {
+            errs.push("model.hidden, model.layers and model.conv_channels must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             errs.push(format!("model.dropout = {}: allowed [0, 1)", self.model.dropout));

@@ -190,3 +190,37 @@ fn arch_and_data_must_fit() {
     );
     assert!(e.contains("does not fit data.source"), "{e}");
 }
+
+#[test]
+fn the_acoustic_model_learns_with_ctc_and_reports_error_rates() {
+    let sets = [
+        "model.arch=lstm-an4",
+        "model.hidden=16",
+        "model.layers=2",
+        "model.conv_channels=2",
+        "data.source=synthetic-audio",
+        "data.synthetic_train=16",
+        "data.synthetic_test=8",
+        "train.batch_size=8",
+        "train.epochs=4",
+        "train.lr=0.001",
+        "train.lr_epoch_divisor=1.01",
+        "train.clip_norm=400",
+        "train.warmup_epochs=0",
+        "sparse.method=gtopk",
+        "sparse.density=0.1",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    run(&config(&sets), dir.path(), false).unwrap();
+    let recs = records(dir.path());
+    let epochs: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "epoch").collect();
+    // Utterances are batched by duration and never reshuffled: every epoch sees the same batches.
+    let first = epochs[0]["train_loss"].as_f64().unwrap();
+    let last = epochs[3]["train_loss"].as_f64().unwrap();
+    assert!(last < first, "CTC loss {first} -> {last}");
+    for e in &epochs {
+        let wer = e["test_wer"].as_f64().unwrap();
+        let cer = e["test_cer"].as_f64().unwrap();
+        assert!(wer.is_finite() && wer >= 0.0 && cer.is_finite() && cer >= 0.0, "{e:?}");
+    }
+}

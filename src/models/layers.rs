@@ -5,7 +5,7 @@ use super::builder::{Builder, Init};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::BatchNorm;
 
-/// 2-D convolution, weight [out, in, k, k], and a bias when `bias` says how to initialise one.
+/// 2-D convolution, weight [out, in, kh, kw], and a bias when `bias` says how to initialise one.
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -25,7 +25,34 @@ impl Conv2d {
         init: Init,
         bias: Option<Init>,
     ) -> Result<Self> {
-        let weight = b.var("weight", (cout, cin, k, k), init)?;
+        Self::with_kernel(b, cin, cout, (k, k), stride, padding, init, bias)
+    }
+
+    /// An unpadded convolution with a rectangular (height, width) kernel.
+    pub fn new_rect(
+        b: &Builder,
+        cin: usize,
+        cout: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        init: Init,
+        bias: Option<Init>,
+    ) -> Result<Self> {
+        Self::with_kernel(b, cin, cout, kernel, stride, 0, init, bias)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_kernel(
+        b: &Builder,
+        cin: usize,
+        cout: usize,
+        kernel: (usize, usize),
+        stride: usize,
+        padding: usize,
+        init: Init,
+        bias: Option<Init>,
+    ) -> Result<Self> {
+        let weight = b.var("weight", (cout, cin, kernel.0, kernel.1), init)?;
         let bias = match bias {
             Some(i) => Some(b.var("bias", cout, i)?),
             None => None,

@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod ctc;
+pub mod deepspeech;
 pub mod dropout;
 pub mod layers;
 pub mod lstm;
@@ -23,6 +24,7 @@ pub enum Net {
     Resnet20(resnet20::ResNet20),
     Vgg16(vgg16::Vgg16),
     PtbLm(ptb_lm::PtbLm),
+    An4(deepspeech::DeepSpeech),
 }
 
 pub struct Model {
@@ -55,7 +57,21 @@ impl Model {
         let net = match arch {
             Arch::Resnet20 => Net::Resnet20(resnet20::ResNet20::new(&b, outputs)?),
             Arch::Vgg16 => Net::Vgg16(vgg16::Vgg16::new(&b, outputs)?),
-            Arch::LstmPtb => Net::PtbLm(ptb_lm::PtbLm::new(&b, outputs, cfg.hidden, cfg.layers, cfg.dropout)?),
+            Arch::LstmPtb => Net::PtbLm(ptb_lm::PtbLm::new(
+                &b,
+                outputs,
+                cfg.hidden(),
+                cfg.layers(),
+                cfg.dropout,
+            )?),
+            Arch::LstmAn4 => Net::An4(deepspeech::DeepSpeech::new(
+                &b,
+                crate::data::audio::stft::AN4_BINS,
+                cfg.conv_channels,
+                cfg.hidden(),
+                cfg.layers(),
+                outputs,
+            )?),
         };
         let mut all: Vec<(String, Var)> = varmap
             .data()
@@ -81,7 +97,7 @@ impl Model {
         Ok(match &self.net {
             Net::Resnet20(m) => m.forward(x, train)?,
             Net::Vgg16(m) => m.forward(x, train)?,
-            Net::PtbLm(_) => bail!("{:?} is not an image classifier", self.arch),
+            Net::PtbLm(_) | Net::An4(_) => bail!("{:?} is not an image classifier", self.arch),
         })
     }
 
@@ -285,6 +301,40 @@ mod tests {
         ] {
             assert!(names.contains(&want), "missing {want}");
         }
+    }
+
+    #[test]
+    fn deepspeech_names_count_and_shape() {
+        let cfg = ModelConfig {
+            arch: Arch::LstmAn4,
+            ..ModelConfig::default()
+        };
+        let m = Model::build(&cfg, 29, 0, &Device::Cpu).unwrap();
+        assert_eq!(m.num_params(), 27_569_568);
+        let names: Vec<&str> = m.params().iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "conv.seq_module.0.weight",
+            "conv.seq_module.4.bias",
+            "rnns.0.rnn.weight_ih_l0",
+            "rnns.4.batch_norm.module.weight",
+            "lookahead.conv.weight",
+            "fc.0.module.0.weight",
+            "fc.0.module.1.weight",
+        ] {
+            assert!(names.contains(&want), "missing {want}");
+        }
+        assert!(!names.contains(&"rnns.0.batch_norm.module.weight") && !names.contains(&"fc.0.module.1.bias"));
+        let small = ModelConfig {
+            arch: Arch::LstmAn4,
+            hidden: Some(8),
+            layers: Some(2),
+            ..ModelConfig::default()
+        };
+        let m = Model::build(&small, 29, 0, &Device::Cpu).unwrap();
+        let x = Tensor::ones((2, 1, 161, 30), DType::F32, &Device::Cpu).unwrap();
+        let Net::An4(net) = m.net() else { unreachable!() };
+        let y = net.forward(&x, false).unwrap();
+        assert_eq!(y.dims(), &[deepspeech::output_frames(30), 2, 29]);
     }
 
     #[test]

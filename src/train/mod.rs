@@ -16,11 +16,13 @@ use crate::comm::local::LocalComm;
 use crate::comm::rendezvous::job_token;
 use crate::comm::{Communicator, LaunchInfo, Overrides, TcpComm, TcpOptions};
 use crate::config::{Backend, Config, DataSource};
-use crate::data::{cifar, ptb, synthetic, synthetic_text};
+use crate::data::audio::an4;
+use crate::data::{cifar, ptb, synthetic, synthetic_audio, synthetic_text};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use task::AudioSplits;
 use worker::Worker;
 
 pub struct RunOptions {
@@ -72,6 +74,21 @@ pub fn load_data(cfg: &Config) -> Result<Dataset> {
             Dataset::Text(Arc::new(corpus))
         }
         DataSource::Ptb => Dataset::Text(Arc::new(ptb::load(dir()?).context("data.dir")?)),
+        DataSource::SyntheticAudio => {
+            let cfg_audio = synthetic_audio::Config::default();
+            Dataset::Audio(Arc::new(AudioSplits {
+                train: synthetic_audio::set(cfg.seed, "train", d.synthetic_train, &cfg_audio),
+                test: synthetic_audio::set(cfg.seed, "test", d.synthetic_test, &cfg_audio),
+            }))
+        }
+        DataSource::An4 => {
+            let dir = dir()?;
+            let load = |f: &str| an4::load(&dir.join(f)).context("data.dir");
+            Dataset::Audio(Arc::new(AudioSplits {
+                train: load("an4_train_manifest.csv")?,
+                test: load("an4_val_manifest.csv")?,
+            }))
+        }
     })
 }
 
@@ -257,10 +274,5 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
     model.load(&file)?;
     let task = task::make(&data, false, cfg.data.seq_len);
     let idx: Vec<usize> = (0..task.test_len()).collect();
-    let s = task.eval(&model, &idx)?;
-    Ok(EvalStats {
-        loss: s.loss_sum / s.items,
-        accuracy: s.correct / s.items,
-        samples: s.items as u64,
-    })
+    Ok(EvalStats::from_sums(&task.eval(&model, &idx)?))
 }

@@ -9,6 +9,7 @@ pub struct LrSchedule {
     warmup_epochs: f64,
     decay_epochs: Vec<usize>,
     factor: f64,
+    epoch_divisor: f64,
 }
 
 impl LrSchedule {
@@ -19,6 +20,7 @@ impl LrSchedule {
             warmup_epochs: t.warmup_epochs,
             decay_epochs: t.lr_decay_epochs.clone(),
             factor: t.lr_decay_factor,
+            epoch_divisor: t.lr_epoch_divisor,
         }
     }
 
@@ -29,7 +31,7 @@ impl LrSchedule {
             return self.start + (self.base - self.start) * progress / self.warmup_epochs;
         }
         let decays = self.decay_epochs.iter().filter(|&&e| epoch >= e).count();
-        self.base * self.factor.powi(decays as i32)
+        self.base * self.factor.powi(decays as i32) / self.epoch_divisor.powi(epoch as i32)
     }
 }
 

@@ -2,8 +2,12 @@
 //! statistics (evaluation). Image classification and word-level language modelling live here; the
 //! loop in `worker.rs` knows neither.
 
+use crate::data::audio::an4::{self, An4Set};
 use crate::data::ptb::{PtbCorpus, Split};
+use crate::data::sampler::Sampler;
 use crate::data::{Splits, CHANNELS};
+use crate::models::ctc::{greedy_decode, CtcLoss, CtcOptions, CtcReduction};
+use crate::models::deepspeech::{output_frames, DeepSpeech};
 use crate::models::lstm::State;
 use crate::models::{Model, Net};
 use crate::rng::Rng;
@@ -15,16 +19,28 @@ use std::sync::Arc;
 /// Sums over a batch or a shard.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Stats {
-    /// Sum of per-item losses (items: images, or predicted tokens).
+    /// Sum of per-item losses (items: images, predicted tokens, or utterances).
     pub loss_sum: f64,
     pub correct: f64,
     pub items: f64,
+    /// Speech: word and character edits of the greedy transcripts, and the reference lengths.
+    pub word_edits: f64,
+    pub ref_words: f64,
+    pub char_edits: f64,
+    pub ref_chars: f64,
+}
+
+/// Train and test utterances.
+pub struct AudioSplits {
+    pub train: An4Set,
+    pub test: An4Set,
 }
 
 /// The data a job loads once and its workers share.
 pub enum Dataset {
     Images(Arc<Splits>),
     Text(Arc<PtbCorpus>),
+    Audio(Arc<AudioSplits>),
 }
 
 impl Dataset {
@@ -33,13 +49,19 @@ impl Dataset {
         match self {
             Dataset::Images(_) => crate::data::CLASSES,
             Dataset::Text(c) => c.vocab.len(),
+            Dataset::Audio(_) => an4::NUM_LABELS,
         }
     }
 }
 
 pub trait Task: Send {
-    /// Training samples the sampler shards (images, or windows of tokens).
+    /// Training samples the sampler shards (images, windows of tokens, utterances).
     fn train_len(&self) -> usize;
+    /// The epoch's order of training samples: the sampler's shuffle, unless the task batches by
+    /// length (worker r's step s takes order[s B + r b .. + b]).
+    fn order(&self, sampler: &Sampler, epoch: usize) -> Vec<usize> {
+        sampler.order(epoch)
+    }
     fn test_len(&self) -> usize;
     /// A new epoch starts from scratch (the language model resets its hidden state).
     fn begin_epoch(&mut self) {}
@@ -71,6 +93,7 @@ pub fn make(data: &Dataset, augment: bool, seq_len: usize) -> Box<dyn Task> {
             seq_len,
             state: None,
         }),
+        Dataset::Audio(a) => Box::new(SpeechTask { data: a.clone() }),
     }
 }
 
@@ -115,6 +138,7 @@ impl Task for ImageTask {
             loss_sum: loss.to_scalar::<f32>()? as f64 * n,
             correct: correct_count(&logits, &y)?,
             items: n,
+            ..Stats::default()
         };
         Ok((loss, stats))
     }
@@ -206,6 +230,7 @@ impl Task for TextTask {
             loss_sum: loss.to_scalar::<f32>()? as f64 * n,
             correct: correct_count(&logits, &y)?,
             items: n,
+            ..Stats::default()
         };
         Ok((loss, stats))
     }
@@ -247,5 +272,97 @@ impl Task for TextTask {
             _ => None,
         };
         Ok(())
+    }
+}
+
+/// Speech recognition with CTC, as the authors: utterances sorted by duration and batched in that
+/// order (worker r takes bins r, r + P, ...; no reshuffling), loss summed over the batch and divided
+/// by its size; evaluation by greedy decoding, word and character error rates.
+pub struct SpeechTask {
+    data: Arc<AudioSplits>,
+}
+
+impl SpeechTask {
+    fn net(model: &Model) -> Result<&DeepSpeech> {
+        match model.net() {
+            Net::An4(m) => Ok(m),
+            _ => bail!("an audio data set needs model.arch = \"lstm-an4\""),
+        }
+    }
+
+    /// Log-probabilities [T', N, 29], output lengths, and the batch.
+    fn run(model: &Model, set: &An4Set, idx: &[usize], train: bool) -> Result<(Tensor, Vec<usize>, an4::AudioBatch)> {
+        let b = set.batch(idx);
+        let x = Tensor::from_vec(b.features.clone(), (idx.len(), 1, b.bins, b.max_frames), &Device::Cpu)?;
+        let lp = Self::net(model)?.forward(&x, train)?;
+        let lengths = b.input_frames.iter().map(|&f| output_frames(f)).collect();
+        Ok((lp, lengths, b))
+    }
+}
+
+impl Task for SpeechTask {
+    fn train_len(&self) -> usize {
+        self.data.train.len()
+    }
+
+    fn test_len(&self) -> usize {
+        self.data.test.len()
+    }
+
+    fn order(&self, _sampler: &Sampler, _epoch: usize) -> Vec<usize> {
+        (0..self.data.train.len()).collect()
+    }
+
+    fn train_loss(&mut self, model: &Model, idx: &[usize], _rng: &mut Rng) -> Result<(Tensor, Stats)> {
+        let (lp, lengths, b) = Self::run(model, &self.data.train, idx, true)?;
+        let ctc = CtcLoss::new(
+            lengths,
+            b.targets,
+            b.target_lengths,
+            CtcOptions::default(),
+            CtcReduction::SumOverBatch,
+        );
+        let loss = ctc.apply(&lp)?;
+        let n = idx.len() as f64;
+        let stats = Stats {
+            loss_sum: loss.to_scalar::<f32>()? as f64 * n,
+            items: n,
+            ..Stats::default()
+        };
+        Ok((loss, stats))
+    }
+
+    fn eval(&self, model: &Model, idx: &[usize]) -> Result<Stats> {
+        let mut s = Stats::default();
+        for chunk in idx.chunks(32) {
+            let (lp, lengths, b) = Self::run(model, &self.data.test, chunk, false)?;
+            let (t, n, c) = lp.dims3()?;
+            let host = lp.flatten_all()?.to_vec1::<f32>()?;
+            let ctc = CtcLoss::new(
+                lengths.clone(),
+                b.targets.clone(),
+                b.target_lengths.clone(),
+                CtcOptions::default(),
+                CtcReduction::Sum,
+            );
+            s.loss_sum += ctc.apply(&lp)?.to_scalar::<f32>()? as f64;
+            s.items += n as f64;
+            let hyps = greedy_decode(&host, t, n, c, &lengths, an4::BLANK)?;
+            let mut off = 0;
+            for (row, hyp) in hyps.iter().enumerate() {
+                let len = b.target_lengths[row];
+                let reference = an4::decode(&b.targets[off..off + len]);
+                off += len;
+                let hypothesis = an4::decode(hyp);
+                let (we, rw) = crate::models::ctc::wer(&reference, &hypothesis);
+                let (ce, rc) = crate::models::ctc::cer(&reference, &hypothesis);
+                s.word_edits += we as f64;
+                s.ref_words += rw as f64;
+                s.char_edits += ce as f64;
+                s.ref_chars += rc as f64;
+                s.correct += f64::from(reference == hypothesis);
+            }
+        }
+        Ok(s)
     }
 }

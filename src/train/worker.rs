@@ -32,6 +32,24 @@ pub struct EvalStats {
     pub loss: f64,
     pub accuracy: f64,
     pub samples: u64,
+    /// Speech: word and character error rates over the whole split (edits / reference length).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wer: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cer: Option<f64>,
+}
+
+impl EvalStats {
+    pub fn from_sums(s: &Stats) -> Self {
+        let rate = |e: f64, n: f64| (n > 0.0).then(|| e / n);
+        EvalStats {
+            loss: s.loss_sum / s.items,
+            accuracy: s.correct / s.items,
+            samples: s.items as u64,
+            wer: rate(s.word_edits, s.ref_words),
+            cer: rate(s.char_edits, s.ref_chars),
+        }
+    }
 }
 
 pub struct Worker {
@@ -132,7 +150,7 @@ impl Worker {
         }
         let t = self.cfg.train.clone();
         for epoch in self.pos.epoch..t.epochs {
-            let order = self.sampler.order(epoch);
+            let order = self.task.order(&self.sampler, epoch);
             let first = if epoch == self.pos.epoch {
                 self.pos.step_in_epoch
             } else {
@@ -354,6 +372,10 @@ impl Worker {
             if self.task.perplexity() {
                 rec["test_perplexity"] = json!(t.loss.exp());
             }
+            if let (Some(w), Some(c)) = (t.wer, t.cer) {
+                rec["test_wer"] = json!(w);
+                rec["test_cer"] = json!(c);
+            }
             let line = format!("epoch {epoch}: test loss {:.4} accuracy {:.4}", t.loss, t.accuracy);
             match &self.progress {
                 Some(p) => p.println(line),
@@ -376,14 +398,26 @@ impl Worker {
         let (p, r) = (self.comm.world_size(), self.rank());
         let idx: Vec<usize> = (r..self.task.test_len()).step_by(p).collect();
         let s = self.task.eval(&self.model, &idx)?;
-        let totals = gather_f64(self.comm.as_mut(), &[s.loss_sum, s.correct, s.items])?;
+        let mine = [
+            s.loss_sum,
+            s.correct,
+            s.items,
+            s.word_edits,
+            s.ref_words,
+            s.char_edits,
+            s.ref_chars,
+        ];
+        let totals = gather_f64(self.comm.as_mut(), &mine)?;
         let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<f64>();
-        let n = sum(2);
-        Ok(EvalStats {
-            loss: sum(0) / n,
-            accuracy: sum(1) / n,
-            samples: n as u64,
-        })
+        Ok(EvalStats::from_sums(&Stats {
+            loss_sum: sum(0),
+            correct: sum(1),
+            items: sum(2),
+            word_edits: sum(3),
+            ref_words: sum(4),
+            char_edits: sum(5),
+            ref_chars: sum(6),
+        }))
     }
 
     fn barrier(&mut self) -> Result<()> {
