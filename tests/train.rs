@@ -224,3 +224,32 @@ fn the_acoustic_model_learns_with_ctc_and_reports_error_rates() {
         assert!(wer.is_finite() && wer >= 0.0 && cer.is_finite() && cer >= 0.0, "{e:?}");
     }
 }
+
+#[test]
+fn vgg16_fits_one_batch() {
+    // One batch per epoch, so every step sees the same images: the loss on it must fall.
+    let sets = [
+        "model.arch=vgg16",
+        "data.synthetic_side=32",
+        "data.synthetic_train=4",
+        "data.synthetic_test=2",
+        "data.augment=false",
+        "train.batch_size=4",
+        "train.epochs=6",
+        "train.eval_every_epochs=0",
+        "train.lr=0.02",
+        "train.warmup_epochs=0",
+        "sparse.method=topk",
+        "sparse.density=0.1",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    run(&config(&sets), dir.path(), false).unwrap();
+    let recs = records(dir.path());
+    let losses: Vec<f64> = recs
+        .iter()
+        .filter(|r| r["kind"] == "epoch")
+        .map(|r| r["train_loss"].as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 6);
+    assert!(losses[5] < 0.5 * losses[0], "{losses:?}");
+}
