@@ -97,13 +97,35 @@ pub fn make(data: &Dataset, augment: bool, seq_len: usize) -> Box<dyn Task> {
     }
 }
 
-fn correct_count(logits: &Tensor, y: &Tensor) -> Result<f64> {
-    Ok(logits
+/// Mean cross-entropy of logits [n, classes] against labels [n], and its sums.
+fn scored(logits: &Tensor, y: &Tensor) -> Result<(Tensor, Stats)> {
+    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+    let n = y.elem_count() as f64;
+    let correct = logits
         .argmax(1)?
         .eq(y)?
         .to_dtype(DType::F32)?
         .sum_all()?
-        .to_scalar::<f32>()? as f64)
+        .to_scalar::<f32>()? as f64;
+    let stats = Stats {
+        loss_sum: loss.to_scalar::<f32>()? as f64 * n,
+        correct,
+        items: n,
+        ..Stats::default()
+    };
+    Ok((loss, stats))
+}
+
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Stats) {
+        self.loss_sum += o.loss_sum;
+        self.correct += o.correct;
+        self.items += o.items;
+        self.word_edits += o.word_edits;
+        self.ref_words += o.ref_words;
+        self.char_edits += o.char_edits;
+        self.ref_chars += o.ref_chars;
+    }
 }
 
 const EVAL_BATCH: usize = 250;
@@ -131,16 +153,7 @@ impl Task for ImageTask {
     fn train_loss(&mut self, model: &Model, idx: &[usize], rng: &mut Rng) -> Result<(Tensor, Stats)> {
         let (x, y) = self.data.train.batch(idx, self.augment.then_some(rng));
         let (x, y) = images(x, y, self.data.train.side)?;
-        let logits = model.forward(&x, true)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let n = idx.len() as f64;
-        let stats = Stats {
-            loss_sum: loss.to_scalar::<f32>()? as f64 * n,
-            correct: correct_count(&logits, &y)?,
-            items: n,
-            ..Stats::default()
-        };
-        Ok((loss, stats))
+        scored(&model.forward(&x, true)?, &y)
     }
 
     fn eval(&self, model: &Model, idx: &[usize]) -> Result<Stats> {
@@ -148,11 +161,7 @@ impl Task for ImageTask {
         for chunk in idx.chunks(EVAL_BATCH) {
             let (x, y) = self.data.test.batch(chunk, None);
             let (x, y) = images(x, y, self.data.test.side)?;
-            let logits = model.forward(&x, false)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64;
-            s.loss_sum += loss * chunk.len() as f64;
-            s.correct += correct_count(&logits, &y)?;
-            s.items += chunk.len() as f64;
+            s += scored(&model.forward(&x, false)?, &y)?.1;
         }
         Ok(s)
     }
@@ -224,15 +233,7 @@ impl Task for TextTask {
             h: next.h.detach(),
             c: next.c.detach(),
         });
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        let n = y.elem_count() as f64;
-        let stats = Stats {
-            loss_sum: loss.to_scalar::<f32>()? as f64 * n,
-            correct: correct_count(&logits, &y)?,
-            items: n,
-            ..Stats::default()
-        };
-        Ok((loss, stats))
+        scored(&logits, &y)
     }
 
     fn eval(&self, model: &Model, idx: &[usize]) -> Result<Stats> {
@@ -241,10 +242,7 @@ impl Task for TextTask {
         for chunk in idx.chunks(EVAL_BATCH) {
             let (x, y) = self.batch(Split::Test, chunk)?;
             let (logits, _) = lm.forward(&x, &lm.zero_state(chunk.len(), &Device::Cpu)?, None)?;
-            let n = y.elem_count() as f64;
-            s.loss_sum += candle_nn::loss::cross_entropy(&logits, &y)?.to_scalar::<f32>()? as f64 * n;
-            s.correct += correct_count(&logits, &y)?;
-            s.items += n;
+            s += scored(&logits, &y)?.1;
         }
         Ok(s)
     }
