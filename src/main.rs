@@ -250,13 +250,16 @@ fn run(cli: Cli) -> Result<()> {
             if s.rank != 0 {
                 return Ok(());
             }
-            println!(
-                "{}",
-                serde_json::json!({
-                    "run_dir": opts.run_dir, "steps": s.steps, "wall_s": s.wall_s,
-                    "test_loss": test.loss, "test_accuracy": test.accuracy,
-                })
-            );
+            let mut summary = serde_json::json!({
+                "run_dir": opts.run_dir, "steps": s.steps, "wall_s": s.wall_s,
+                "test_loss": test.loss, "test_accuracy": test.accuracy,
+                "test_perplexity": (cfg.model.arch == gtopk::config::Arch::LstmPtb).then(|| test.loss.exp()),
+                "test_wer": test.wer, "test_cer": test.cer,
+            });
+            if let Some(o) = summary.as_object_mut() {
+                o.retain(|_, v| !v.is_null());
+            }
+            println!("{summary}");
         }
         Command::Eval {
             config,

@@ -204,7 +204,7 @@ fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Resu
 fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
     let resume_from = prepare_run_dir(cfg, opts)?;
-    let data = Arc::new(load_data(cfg)?);
+    let data = load_data(cfg)?;
     let p = cfg.dist.workers;
     let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
     let handles: Vec<_> = comms

@@ -36,7 +36,8 @@ pub struct AudioSplits {
     pub test: An4Set,
 }
 
-/// The data a job loads once and its workers share.
+/// The data a job loads once and its workers share (cloning shares it).
+#[derive(Clone)]
 pub enum Dataset {
     Images(Arc<Splits>),
     Text(Arc<PtbCorpus>),
