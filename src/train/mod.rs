@@ -214,9 +214,9 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 (cfg.clone(), data.clone(), opts.run_dir.clone(), resume_from.clone());
             let progress = opts.progress;
             std::thread::Builder::new()
-                .name(format!("worker-{}", comm_rank(&comm)))
+                .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
-                    let rank = comm_rank(&comm);
+                    let rank = comm.rank();
                     let mut w =
                         Worker::new(&cfg, run_dir, Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
                     if let Some(dir) = &resume_from {
@@ -250,10 +250,6 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         test,
         wall_s: started.elapsed().as_secs_f64(),
     })
-}
-
-fn comm_rank(c: &LocalComm) -> usize {
-    c.rank()
 }
 
 /// Loss and accuracy of a saved model on the test split (one worker).
