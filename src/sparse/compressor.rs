@@ -1,6 +1,7 @@
 //! The one thing the trainer calls: a worker's gradient in, the aggregated update out (identical
 //! bits on every rank), with error feedback kept across steps.
 
+use super::accumulate::accumulate;
 use super::config::{CompressorConfig, CompressorState, Method, ResidualPolicy, StepOptions, StepReport};
 use super::delta::{delta_expected, delta_sampled};
 use super::layout::Layout;
@@ -153,22 +154,15 @@ impl Compressor {
     /// acc = residual + grad, or with momentum correction u = m u + grad, acc = residual + u.
     /// Checked for NaN (inf - inf) before any state changes, so a failed step leaves none.
     fn accumulate(&mut self, grad: &[f32]) -> Result<()> {
-        let m = self.cfg.momentum_correction.unwrap_or(0.0);
-        let zeros_if_dense = self.residual.is_empty();
-        for (i, a) in self.acc.iter_mut().enumerate() {
-            let g = match &self.momentum {
-                Some(u) => m * u[i] + grad[i],
-                None => grad[i],
-            };
-            *a = if zeros_if_dense { g } else { self.residual[i] + g };
+        if self.residual.is_empty() {
+            self.acc.fill(0.0);
+        } else {
+            self.acc.copy_from_slice(&self.residual);
         }
+        let m = self.cfg.momentum_correction.unwrap_or(0.0);
+        accumulate(grad, &mut self.acc, self.momentum.as_deref_mut().map(|u| (u, m)));
         if let Some(p) = self.acc.iter().position(|v| v.is_nan()) {
             bail!("compressor: accumulator at index {p} is NaN (residual and gradient are opposite infinities)");
-        }
-        if let Some(u) = &mut self.momentum {
-            for (u, &g) in u.iter_mut().zip(grad) {
-                *u = m * *u + g;
-            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! Every routine here is backend-free and deterministic; the selection and merge are the CPU twins
 //! (the specification) of the CUDA kernels.
 
+mod accumulate;
 pub mod bench;
 mod compressor;
 mod config;
@@ -24,6 +25,7 @@ mod reference;
 #[cfg(test)]
 mod tests;
 
+pub use accumulate::accumulate;
 pub use bench::{bench_select, render_table, SelectBenchRow};
 pub use compressor::Compressor;
 pub use config::{CompressorConfig, CompressorState, GtopkAlgo, Method, ResidualPolicy, StepOptions, StepReport};

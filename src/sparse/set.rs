@@ -99,6 +99,14 @@ impl SparseSet {
             dense[i as usize] += v;
         }
     }
+
+    /// `dense[i] += v / divisor`: the twin of the `gtopk_scatter_add` kernel. A division rather than
+    /// a product with 1/P, so one set scattered into zeros equals the CPU path's sum-then-divide.
+    pub fn scatter_add_div(&self, dense: &mut [f32], divisor: f32) {
+        for (i, v) in self.iter() {
+            dense[i as usize] += v / divisor;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -124,5 +132,12 @@ mod tests {
         let mut d = vec![1.0f32; 10];
         s.scatter_add(&mut d);
         assert_eq!(d, vec![2.0, 1.0, 1.0, 1.0, 3.0, 4.0, 1.0, 1.0, 1.0, 5.0]);
+        // The twin of the scatter kernel divides each value; into zeros that equals sum-then-divide.
+        let mut z = vec![0.0f32; 10];
+        s.scatter_add_div(&mut z, 3.0);
+        let mut want = vec![0.0f32; 10];
+        s.scatter_add(&mut want);
+        want.iter_mut().for_each(|v| *v /= 3.0);
+        assert_eq!(z, want);
     }
 }
