@@ -14,6 +14,10 @@ pub struct Config {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// Where the model runs: "cpu", "cuda" (the local rank's GPU; GPU 0 for in-process workers)
+    /// or "cuda:N". GPUs need a binary built with the `cuda` feature.
+    #[serde(default = "default_device")]
+    pub device: String,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
@@ -27,6 +31,32 @@ pub struct Config {
 
 fn default_name() -> String {
     "run".into()
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// The parsed `device` key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// A GPU ordinal, or None for "the local rank's".
+    Cuda(Option<usize>),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Self::Cuda(Some(n))),
+                _ => anyhow::bail!("device = {s:?}: expected \"cpu\", \"cuda\" or \"cuda:N\""),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -430,6 +460,8 @@ impl Config {
             }
         };
         need(p >= 1, format!("dist.workers = {p}: must be at least 1"));
+        let device = self.device.parse::<DeviceSpec>();
+        need(device.is_ok(), device.err().map(|e| e.to_string()).unwrap_or_default());
         need(
             t.epochs >= 1,
             format!("train.epochs = {}: must be at least 1", t.epochs),
@@ -699,6 +731,15 @@ mod tests {
         }
         assert!(err("[model\narch=1", &[]).contains("TOML") || err("[model\narch=1", &[]).contains("expected"));
         assert!(err(&BASE.replace("arch = \"resnet20\"", "arch = \"resnet21\""), &[]).contains("resnet21"));
+    }
+
+    #[test]
+    fn device_key_takes_cpu_cuda_or_an_ordinal() {
+        for ok in ["cpu", "cuda", "cuda:3"] {
+            assert!(Config::parse(BASE, &[format!("device={ok:?}")]).is_ok(), "{ok}");
+        }
+        let e = format!("{:#}", Config::parse(BASE, &["device=\"tpu\"".into()]).unwrap_err());
+        assert!(e.contains("device = \"tpu\""), "{e}");
     }
 
     #[test]

@@ -118,9 +118,17 @@ impl Model {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// Where the replica lives; batches are built there.
+    pub fn device(&self) -> &Device {
+        self.params[0].1.device()
+    }
+
     /// Copies the gradient of every parameter into `out` in layout order (zeros where a
     /// parameter got no gradient, e.g. it did not take part in this loss).
     pub fn flat_grad(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+        if !self.device().is_cpu() {
+            return self.flat_grad_one_copy(grads, out);
+        }
         let mut off = 0;
         for (name, v) in &self.params {
             let n = v.elem_count();
@@ -136,6 +144,21 @@ impl Model {
             }
             off += n;
         }
+        Ok(())
+    }
+
+    /// On a GPU: one concatenation on the device and one copy to the host, not one per tensor.
+    fn flat_grad_one_copy(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+        let parts = self
+            .params
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => g.flatten_all()?.to_dtype(DType::F32),
+                None => Tensor::zeros(v.elem_count(), DType::F32, v.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let flat = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+        out.copy_from_slice(&flat);
         Ok(())
     }
 

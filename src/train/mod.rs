@@ -2,6 +2,7 @@
 //! process's one worker over TCP), resume.
 
 pub mod checkpoint;
+mod device;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
@@ -159,8 +160,9 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
     let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
     let data = load_data(cfg)?;
+    let dev = device::open(&cfg.device, info.local_rank).with_context(|| format!("rank {rank}"))?;
     let mut w =
-        Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
+        Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data, &dev).with_context(|| format!("rank {rank}"))?;
     if let Some(dir) = &resume_from {
         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
     }
@@ -205,20 +207,26 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
     let resume_from = prepare_run_dir(cfg, opts)?;
     let data = load_data(cfg)?;
+    let dev = device::open(&cfg.device, 0)?;
     let p = cfg.dist.workers;
     let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
     let handles: Vec<_> = comms
         .into_iter()
         .map(|comm| {
-            let (cfg, data, run_dir, resume_from) =
-                (cfg.clone(), data.clone(), opts.run_dir.clone(), resume_from.clone());
+            let (cfg, data, run_dir, resume_from, dev) = (
+                cfg.clone(),
+                data.clone(),
+                opts.run_dir.clone(),
+                resume_from.clone(),
+                dev.clone(),
+            );
             let progress = opts.progress;
             std::thread::Builder::new()
                 .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
-                    let mut w =
-                        Worker::new(&cfg, run_dir, Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
+                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev)
+                        .with_context(|| format!("rank {rank}"))?;
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }

@@ -136,10 +136,10 @@ pub struct ImageTask {
     augment: bool,
 }
 
-fn images(x: Vec<f32>, y: Vec<u32>, side: usize) -> Result<(Tensor, Tensor)> {
+fn images(x: Vec<f32>, y: Vec<u32>, side: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
     let n = y.len();
-    let x = Tensor::from_vec(x, (n, CHANNELS, side, side), &Device::Cpu)?;
-    Ok((x, Tensor::from_vec(y, n, &Device::Cpu)?))
+    let x = Tensor::from_vec(x, (n, CHANNELS, side, side), dev)?;
+    Ok((x, Tensor::from_vec(y, n, dev)?))
 }
 
 impl Task for ImageTask {
@@ -153,7 +153,7 @@ impl Task for ImageTask {
 
     fn train_loss(&mut self, model: &Model, idx: &[usize], rng: &mut Rng) -> Result<(Tensor, Stats)> {
         let (x, y) = self.data.train.batch(idx, self.augment.then_some(rng));
-        let (x, y) = images(x, y, self.data.train.side)?;
+        let (x, y) = images(x, y, self.data.train.side, model.device())?;
         scored(&model.forward(&x, true)?, &y)
     }
 
@@ -161,7 +161,7 @@ impl Task for ImageTask {
         let mut s = Stats::default();
         for chunk in idx.chunks(EVAL_BATCH) {
             let (x, y) = self.data.test.batch(chunk, None);
-            let (x, y) = images(x, y, self.data.test.side)?;
+            let (x, y) = images(x, y, self.data.test.side, model.device())?;
             s += scored(&model.forward(&x, false)?, &y)?.1;
         }
         Ok(s)
@@ -186,7 +186,7 @@ impl TextTask {
     }
 
     /// Inputs and targets [T, B] (time-major) of windows `idx` of `split`.
-    fn batch(&self, split: Split, idx: &[usize]) -> Result<(Tensor, Tensor)> {
+    fn batch(&self, split: Split, idx: &[usize], dev: &Device) -> Result<(Tensor, Tensor)> {
         let w = self.corpus.windows(split, self.seq_len);
         let (t_len, b) = (self.seq_len, idx.len());
         let (mut x, mut y) = (vec![0u32; t_len * b], vec![0u32; t_len * b]);
@@ -198,8 +198,8 @@ impl TextTask {
             }
         }
         Ok((
-            Tensor::from_vec(x, (t_len, b), &Device::Cpu)?,
-            Tensor::from_vec(y, t_len * b, &Device::Cpu)?,
+            Tensor::from_vec(x, (t_len, b), dev)?,
+            Tensor::from_vec(y, t_len * b, dev)?,
         ))
     }
 }
@@ -223,10 +223,15 @@ impl Task for TextTask {
 
     fn train_loss(&mut self, model: &Model, idx: &[usize], rng: &mut Rng) -> Result<(Tensor, Stats)> {
         let lm = Self::lm(model)?;
-        let (x, y) = self.batch(Split::Train, idx)?;
+        let dev = model.device();
+        let (x, y) = self.batch(Split::Train, idx, dev)?;
         let state = match self.state.take() {
-            Some(s) => s,
-            None => lm.zero_state(idx.len(), &Device::Cpu)?,
+            // A restored state arrives on the CPU.
+            Some(s) => State {
+                h: s.h.to_device(dev)?,
+                c: s.c.to_device(dev)?,
+            },
+            None => lm.zero_state(idx.len(), dev)?,
         };
         let (logits, next) = lm.forward(&x, &state, Some(rng))?;
         // Carried, but not differentiated through (PyTorch's repackage_hidden).
@@ -241,8 +246,8 @@ impl Task for TextTask {
         let lm = Self::lm(model)?;
         let mut s = Stats::default();
         for chunk in idx.chunks(EVAL_BATCH) {
-            let (x, y) = self.batch(Split::Test, chunk)?;
-            let (logits, _) = lm.forward(&x, &lm.zero_state(chunk.len(), &Device::Cpu)?, None)?;
+            let (x, y) = self.batch(Split::Test, chunk, model.device())?;
+            let (logits, _) = lm.forward(&x, &lm.zero_state(chunk.len(), model.device())?, None)?;
             s += scored(&logits, &y)?.1;
         }
         Ok(s)
@@ -292,7 +297,7 @@ impl SpeechTask {
     /// Log-probabilities [T', N, 29], output lengths, and the batch.
     fn run(model: &Model, set: &An4Set, idx: &[usize], train: bool) -> Result<(Tensor, Vec<usize>, an4::AudioBatch)> {
         let b = set.batch(idx);
-        let x = Tensor::from_vec(b.features.clone(), (idx.len(), 1, b.bins, b.max_frames), &Device::Cpu)?;
+        let x = Tensor::from_vec(b.features.clone(), (idx.len(), 1, b.bins, b.max_frames), model.device())?;
         let lp = Self::net(model)?.forward(&x, train)?;
         let lengths = b.input_frames.iter().map(|&f| output_frames(f)).collect();
         Ok((lp, lengths, b))

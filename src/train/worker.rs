@@ -10,6 +10,7 @@ use crate::comm::{bytes_to_f32s, f32s_to_bytes, Communicator};
 use crate::config::{Config, OnNonfinite};
 use crate::data::sampler::Sampler;
 use crate::models::Model;
+use crate::profile;
 use crate::rng::Rng;
 use crate::sparse::{Compressor, CompressorConfig, CompressorState, ResidualPolicy, StepOptions, StepReport};
 use anyhow::{bail, Context, Result};
@@ -76,9 +77,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(cfg: &Config, run_dir: PathBuf, comm: Box<dyn Communicator>, data: &Dataset) -> Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        run_dir: PathBuf,
+        comm: Box<dyn Communicator>,
+        data: &Dataset,
+        device: &Device,
+    ) -> Result<Self> {
         let rank = comm.rank();
-        let model = Model::build(&cfg.model, data.outputs(), cfg.seed, &Device::Cpu)?;
+        let model = Model::build(&cfg.model, data.outputs(), cfg.seed, device)?;
         let task = super::task::make(data, cfg.data.augment, cfg.data.seq_len);
         if let Some(path) = &cfg.model.init_from {
             model.load(path.as_ref()).context("model.init_from")?;
@@ -232,7 +239,11 @@ impl Worker {
         // resuming needs no RNG state.
         let stream = ((epoch * self.sampler.steps_per_epoch() + s) * self.cfg.dist.workers + self.rank()) as u64;
         let mut rng = Rng::derive(self.cfg.seed, "augment", stream);
-        let (loss, stats) = self.task.train_loss(&self.model, idx, &mut rng)?;
+        let (loss, stats) = {
+            let _r = profile::range("fwd");
+            self.task.train_loss(&self.model, idx, &mut rng)?
+        };
+        let _bwd = profile::range("bwd");
         let grads = loss.backward()?;
         self.model.flat_grad(&grads, &mut self.grad)?;
         Ok((loss.to_scalar::<f32>()?, stats))
@@ -264,6 +275,7 @@ impl Worker {
             check_conservation: self.cfg.debug.check_conservation,
         };
         let t0 = Instant::now();
+        let _r = profile::range("aggregate");
         let report = self
             .compressor
             .step(self.comm.as_mut(), &self.grad, density, opts, &mut self.update)?;
@@ -281,6 +293,7 @@ impl Worker {
 
     fn apply_update(&mut self, lr: f32) -> Result<()> {
         let t0 = Instant::now();
+        let _r = profile::range("opt.step");
         let clip = self.cfg.train.clip_norm as f32;
         if clip > 0.0 {
             let norm = self.update.iter().map(|u| u * u).sum::<f32>().sqrt();
