@@ -4,7 +4,11 @@ pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod data;
+#[cfg(feature = "cuda")]
+pub mod gpu;
+pub mod info;
 pub mod models;
+pub mod profile;
 pub mod rng;
 pub mod sparse;
 pub mod train;

@@ -59,6 +59,36 @@ enum Command {
         #[command(subcommand)]
         what: Bench,
     },
+    /// What this binary was built with and the devices, driver and NCCL it finds.
+    Info,
+    /// Check every CUDA kernel against its CPU twin on fresh random data, then time it beside the
+    /// bandwidth floor (a cuda build on a GPU machine; see scripts/gpu-check.sh).
+    GpuCheck(GpuCheckArgs),
+}
+
+#[derive(clap::Args)]
+struct GpuCheckArgs {
+    /// Vector sizes for the selection, accumulate and scatter checks (timed when >= 100K).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 1023, 4097, 270_000, 15_000_000, 66_000_000])]
+    sizes: Vec<usize>,
+    /// Set sizes k for the merge checks and timings.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 1023, 140_000])]
+    merge_ks: Vec<usize>,
+    /// Timed calls per row, after three warm-up calls.
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// Seed of the random data (default: from the clock, printed, so every run sees fresh data).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Writes kernels.md and kernels.json here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Writes the timed vectors here as raw f32, for scripts/torch_topk.py.
+    #[arg(long)]
+    dump: Option<PathBuf>,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
 }
 
 /// For `dist.backend = "tcp"`: these override what torchrun, mpirun, srun or scripts/launch.sh put
@@ -344,6 +374,44 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Command::Info => print!("{}", gtopk::info::report()),
+        Command::GpuCheck(args) => gpu_check(args)?,
     }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_: GpuCheckArgs) -> Result<()> {
+    anyhow::bail!("gpu-check: this binary was built without the `cuda` feature (build one with scripts/build-cuda.sh)")
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(a: GpuCheckArgs) -> Result<()> {
+    if let Some(n) = a
+        .sizes
+        .iter()
+        .chain(&a.merge_ks)
+        .find(|&&n| n == 0 || n >= u32::MAX as usize / 2)
+    {
+        anyhow::bail!("gpu-check: size {n} is outside 1..2^31");
+    }
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let opts = gtopk::gpu::CheckOptions {
+        sizes: a.sizes,
+        merge_ks: a.merge_ks,
+        reps: a.reps,
+        seed,
+        out: a.out,
+        dump: a.dump,
+        device: a.device,
+    };
+    anyhow::ensure!(
+        gtopk::gpu::run_check(&opts)?,
+        "gpu-check: some kernels differ from their CPU twins (see MISMATCH above)"
+    );
     Ok(())
 }

@@ -1,0 +1,19 @@
+//! The sparsification kernels of `kernels/` on a CUDA device (feature `cuda`): selection with the
+//! fused error-feedback pass, the merge, the scatter-add. Each follows its CPU twin in
+//! `crate::sparse` bit for bit; `gtopk gpu-check` compares them on fresh random data.
+//!
+//! Everything runs on one stream, the one candle's device uses, so kernels and NCCL need no extra
+//! synchronisation; buffers are device memory owned by the structs here.
+
+mod check;
+mod kernels;
+mod merge;
+mod scatter;
+mod select;
+mod set;
+
+pub use check::{run_check, CheckOptions};
+pub use kernels::{Gpu, COMPUTE_CAP};
+pub use merge::Merger;
+pub use select::{Nonfinite, Selector, Threshold};
+pub use set::DeviceSet;
