@@ -4,6 +4,7 @@ pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod fault;
 pub mod models;
 pub mod rng;
 pub mod sparse;

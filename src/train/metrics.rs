@@ -58,7 +58,17 @@ pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let keep: Vec<Value> = read(run_dir)?
+    // A run killed while appending leaves a torn last line (no newline): drop it, it is rewritten.
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let keep: Vec<Value> = text[..whole]
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| {
+            serde_json::from_slice(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
+        })
+        .collect::<Result<Vec<Value>>>()?
         .into_iter()
         .filter(|r| {
             let s = r.get("step").and_then(Value::as_u64).unwrap_or(0);
@@ -74,7 +84,10 @@ pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
         out.extend(serde_json::to_vec(&r)?);
         out.push(b'\n');
     }
-    super::checkpoint::write_file(&path, &out)
+    // Rewritten beside and renamed over, so a kill here leaves the old file or the new, never half.
+    let tmp = run_dir.join(format!("{FILE}.tmp"));
+    super::checkpoint::write_file(&tmp, &out)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// A record with the timing fields removed, for comparing runs bit for bit.

@@ -108,7 +108,22 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
                 checkpoint::root(dir).display()
             )
         })?;
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)?;
+        let meta_path = ckpt.join("trainer.json");
+        let meta: serde_json::Value = std::fs::read(&meta_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            .with_context(|| format!("{}: unreadable", meta_path.display()))?;
+        // Another model's weights cannot continue this one: say so before loading anything.
+        let arch = serde_json::to_value(cfg.model.arch)?;
+        if meta["arch"] != arch {
+            bail!(
+                "--resume {}: checkpoint {} holds a model.arch = {} model, the config asks for {}",
+                dir.display(),
+                ckpt.display(),
+                meta["arch"],
+                arch
+            );
+        }
         if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
             eprintln!("note: the config differs from the one the checkpoint was written with");
         }
@@ -131,6 +146,7 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    crate::fault::check_plan()?;
     match cfg.dist.backend {
         Backend::Local => train_local(cfg, opts),
         Backend::Tcp => train_process(cfg, opts),

@@ -235,6 +235,7 @@ impl Worker {
         let (loss, stats) = self.task.train_loss(&self.model, idx, &mut rng)?;
         let grads = loss.backward()?;
         self.model.flat_grad(&grads, &mut self.grad)?;
+        crate::fault::nan_grad(self.rank(), self.pos.step + 1, &mut self.grad);
         Ok((loss.to_scalar::<f32>()?, stats))
     }
 
@@ -273,7 +274,11 @@ impl Worker {
         // Under origin-index losing mass is the point of the policy: it is logged, not an error.
         if let (Some(err), ResidualPolicy::Conserve) = (report.conservation_rel_err, self.cfg.sparse.residual_policy) {
             if err > 1e-4 {
-                bail!("step {step}: mass not conserved by the sparse aggregation (relative error {err:.3e})");
+                bail!(
+                    "step {step}: mass not conserved by the sparse aggregation (relative error {err:.3e}, seen by \
+                     rank {}); the update was not applied",
+                    self.rank()
+                );
             }
         }
         Ok(report)
