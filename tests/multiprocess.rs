@@ -3,27 +3,10 @@
 
 mod common;
 
+use common::{finish, free_port, Rank};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Rank(Child);
-
-impl Drop for Rank {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
     spawn_as("--run-dir", cfg, run, rank, world, port, sets)
@@ -45,26 +28,6 @@ fn spawn_as(how: &str, cfg: &Path, run: &Path, rank: usize, world: usize, port: 
         cmd.args(["--set", s]);
     }
     Rank(cmd.spawn().unwrap())
-}
-
-/// Waits for every rank; (exit code, stderr) per rank.
-fn finish(ranks: Vec<Rank>, limit: Duration) -> Vec<(i32, String)> {
-    let start = Instant::now();
-    ranks
-        .into_iter()
-        .map(|mut r| loop {
-            if let Some(status) = r.0.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(r.0.stderr.as_mut().unwrap(), &mut err).unwrap();
-                break (status.code().unwrap_or(-1), err);
-            }
-            assert!(
-                start.elapsed() < limit,
-                "a rank is still running after {limit:?}: something hangs"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        })
-        .collect()
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {

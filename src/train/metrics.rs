@@ -100,3 +100,27 @@ pub fn deterministic_part(record: &Value) -> Value {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_after_drops_a_torn_last_line_and_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = MetricsWriter::open(dir.path()).unwrap();
+        for step in 1..=4 {
+            w.write(&serde_json::json!({"kind": "step", "step": step})).unwrap();
+        }
+        // A process killed mid-append leaves half a record.
+        w.file.write_all(br#"{"kind": "step", "st"#).unwrap();
+        truncate_after(dir.path(), 2).unwrap();
+        let steps: Vec<u64> = read(dir.path())
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
+    }
+}
