@@ -175,3 +175,125 @@ fn mismatched_ranks_are_refused_clearly() {
     assert_ne!(*code, 0);
     assert!(err.contains("in use"), "{err}");
 }
+
+/// The processes are gone from the process table: waited for, not zombies, not orphans.
+fn assert_reaped(pids: &[u32]) {
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is still in the process table"
+        );
+    }
+}
+
+/// Waits until the job has written a checkpoint and a few metrics lines.
+fn wait_until_running(run: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gtopk::train::checkpoint::list(run).map(|l| l.len()).unwrap_or(0) < 1
+        || std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < 3
+    {
+        assert!(Instant::now() < deadline, "the job did not get going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+#[test]
+fn a_stalled_rank_ends_the_job_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let run = dir.path().join("run");
+    let sets = [
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.epochs=1000",
+        "train.checkpoint_every=2",
+        "train.log_every=50",
+        "dist.timeout=3",
+    ];
+    let port = free_port();
+    let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    wait_until_running(&run);
+    let stalled = ranks.pop().unwrap();
+    signal(pids[2], "-STOP");
+    let stopped_at = Instant::now();
+    let out = finish(ranks, Duration::from_secs(30));
+    let took = stopped_at.elapsed();
+    // Wake the stalled rank: its peers are gone, so it must end too, on its own.
+    signal(pids[2], "-CONT");
+    let (code2, err2) = finish(vec![stalled], Duration::from_secs(30)).remove(0);
+    for (r, (_, err)) in out.iter().enumerate() {
+        eprintln!("rank {r}: {}", err.lines().last().unwrap_or(""));
+    }
+    eprintln!("rank 2 (stalled, woken): {}", err2.lines().last().unwrap_or(""));
+    for (r, (code, err)) in out.iter().enumerate() {
+        assert_ne!(*code, 0, "rank {r} should fail");
+        assert!(
+            err.contains("rank 2") && err.contains("dist.timeout"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        out[0].1.contains("rank 2"),
+        "rank 0 does not name the stalled rank: {}",
+        out[0].1
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "the live ranks took {took:?} with dist.timeout = 3"
+    );
+    assert!(
+        code2 != 0 && err2.contains("is gone"),
+        "the stalled rank, once woken: {err2}"
+    );
+    assert_reaped(&pids);
+    gtopk::train::checkpoint::latest(&run).unwrap().unwrap();
+}
+
+#[test]
+fn garbage_on_the_rendezvous_port_does_not_disturb_the_job() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = [
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.max_steps=2",
+        "dist.timeout=10",
+    ];
+    let port = free_port();
+    let run = dir.path().join("run");
+    let first = spawn(&cfg, &run, 0, 3, port, &sets);
+    // Once rank 0 listens: a connection that sends noise, one that sends a huge length prefix,
+    // and one that connects and says nothing, held open through the whole job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let silent = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    let mut rng = gtopk::rng::Rng::new(5);
+    let noise: Vec<u8> = (0..4096).map(|_| rng.next_u32() as u8).collect();
+    for payload in [&noise[..], &[0xff; 64][..], b"GET / HTTP/1.1\r\n\r\n"] {
+        let mut g = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = g.write_all(payload);
+    }
+    let mut ranks = vec![first];
+    ranks.extend((1..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)));
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(60)).into_iter().enumerate() {
+        assert_eq!(code, 0, "rank {r} failed: {err}");
+    }
+    drop(silent);
+    assert_reaped(&pids);
+}
