@@ -246,7 +246,7 @@ fn every_bad_input_is_refused_clearly() {
             what: "eval another model's weights",
             args: eval_lm,
             env: Vec::new(),
-            want: vec![ck.clone(), "another model".into()],
+            want: vec![ck.clone(), "not a parameter of lstm-ptb".into(), "another model".into()],
         },
         case(
             "resume a damaged checkpoint",

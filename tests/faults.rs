@@ -4,31 +4,16 @@
 
 mod common;
 
-use common::{finish, records, Rank};
+use common::{finish, records, write_config, Rank};
 use gtopk::train::checkpoint;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn write_config(dir: &Path) -> PathBuf {
-    let cfg = dir.join("tiny.toml");
-    std::fs::write(&cfg, common::TINY).unwrap();
-    cfg
-}
-
-/// `gtopk train` started in the background; `how` is `--run-dir` or `--resume`. These runs are a
-/// few steps long, so their stderr fits in the pipe until `finish` reads it.
+/// `gtopk train` started in the background, with a fault plan or none.
 fn start(cfg: &Path, how: &str, run: &Path, sets: &[&str], fault: Option<&str>) -> Rank {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
-    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = common::train_command(cfg, how, run, sets);
     if let Some(f) = fault {
         cmd.env(gtopk::fault::ENV, f);
-    }
-    for s in sets {
-        cmd.args(["--set", s]);
     }
     Rank(cmd.spawn().unwrap())
 }

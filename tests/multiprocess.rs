@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::{finish, free_port, Rank};
+use common::{finish, free_port, write_config, Rank};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
@@ -14,26 +14,13 @@ fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&
 
 /// `how` is `--run-dir` for a new run or `--resume` to continue one.
 fn spawn_as(how: &str, cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
-    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
-        .args(["--set", "dist.backend=tcp"])
+    let mut cmd = common::train_command(cfg, how, run, sets);
+    cmd.args(["--set", "dist.backend=tcp"])
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
+        .env("MASTER_PORT", port.to_string());
     Rank(cmd.spawn().unwrap())
-}
-
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let cfg = dir.join("tiny.toml");
-    std::fs::write(&cfg, common::TINY).unwrap();
-    cfg
 }
 
 #[test]
@@ -75,16 +62,7 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     ];
     let port = free_port();
     let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gtopk::train::checkpoint::list(&run).map(|l| l.len()).unwrap_or(0) < 1
-        || std::fs::read_to_string(run.join("metrics.jsonl"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-            < 5
-    {
-        assert!(Instant::now() < deadline, "the job did not get going");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_running(&run, 5);
     let victim = ranks.pop().unwrap();
     drop(victim); // SIGKILL
     let killed_at = Instant::now();
@@ -186,14 +164,14 @@ fn assert_reaped(pids: &[u32]) {
     }
 }
 
-/// Waits until the job has written a checkpoint and a few metrics lines.
-fn wait_until_running(run: &Path) {
+/// Waits until the job has written a checkpoint and `lines` metrics lines.
+fn wait_until_running(run: &Path, lines: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while gtopk::train::checkpoint::list(run).map(|l| l.len()).unwrap_or(0) < 1
         || std::fs::read_to_string(run.join("metrics.jsonl"))
             .map(|s| s.lines().count())
             .unwrap_or(0)
-            < 3
+            < lines
     {
         assert!(Instant::now() < deadline, "the job did not get going");
         std::thread::sleep(Duration::from_millis(50));
@@ -221,7 +199,7 @@ fn a_stalled_rank_ends_the_job_within_the_timeout() {
     let port = free_port();
     let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
     let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
-    wait_until_running(&run);
+    wait_until_running(&run, 3);
     let stalled = ranks.pop().unwrap();
     signal(pids[2], "-STOP");
     let stopped_at = Instant::now();

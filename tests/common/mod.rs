@@ -5,7 +5,7 @@ use gtopk::config::Config;
 use gtopk::train::{self, metrics, RunOptions, Summary};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const TINY: &str = r#"
@@ -95,4 +95,25 @@ pub fn finish(ranks: Vec<Rank>, limit: Duration) -> Vec<(i32, String)> {
             std::thread::sleep(Duration::from_millis(50));
         })
         .collect()
+}
+
+/// The tiny config as a file in `dir`, for the binary.
+pub fn write_config(dir: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    cfg
+}
+
+/// `gtopk train CONFIG --plain HOW RUN --set ...`; `how` is `--run-dir` for a new run or `--resume`
+/// to continue one. Stderr is piped for `finish`: keep such runs' logs short (a full pipe stalls).
+pub fn train_command(cfg: &Path, how: &str, run: &Path, sets: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
+    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd
 }
