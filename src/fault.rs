@@ -5,6 +5,8 @@
 //! - `checkpoint-write-fail:STEP`: every file write of the checkpoint of step STEP fails as a full
 //!   disk would (ENOSPC), on every rank.
 //! - `nan-grad:RANK:STEP`: rank RANK's gradient holds a NaN at step STEP.
+//! - `huge-grad:RANK:STEP`: rank RANK's gradient holds f32::MAX at step STEP (finite, but two such
+//!   ranks sum to infinity).
 //! - `leak-mass:RANK:STEP`: rank RANK's residual gains mass at step STEP, after the aggregation (a bug
 //!   in a merge or a transport that corrupts a value would look like this to the conservation check).
 //!
@@ -20,6 +22,7 @@ pub const ENV: &str = "GTOPK_FAULT_INJECT";
 pub enum Fault {
     CheckpointWriteFail { step: u64 },
     NanGrad { rank: usize, step: u64 },
+    HugeGrad { rank: usize, step: u64 },
     LeakMass { rank: usize, step: u64 },
 }
 
@@ -39,12 +42,16 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>> {
                 rank: num(1)? as usize,
                 step: num(2)?,
             },
+            ("huge-grad", 3) => Fault::HugeGrad {
+                rank: num(1)? as usize,
+                step: num(2)?,
+            },
             ("leak-mass", 3) => Fault::LeakMass {
                 rank: num(1)? as usize,
                 step: num(2)?,
             },
             _ => bail!(
-                "{ENV}: {item:?} is not a fault (checkpoint-write-fail:STEP, nan-grad:RANK:STEP, leak-mass:RANK:STEP)"
+                "{ENV}: {item:?} is not a fault (checkpoint-write-fail:STEP, nan-grad:RANK:STEP, huge-grad:RANK:STEP, leak-mass:RANK:STEP)"
             ),
         };
         out.push(fault);
@@ -95,11 +102,17 @@ pub fn checkpoint_write(path: &Path) -> std::io::Result<()> {
     }
 }
 
-pub fn nan_grad(rank: usize, step: u64, grad: &mut [f32]) {
-    if armed(Fault::NanGrad { rank, step }) {
-        if let Some(g) = grad.first_mut() {
-            *g = f32::NAN;
-        }
+/// Poisons the first gradient entry under `nan-grad` or `huge-grad`.
+pub fn bad_grad(rank: usize, step: u64, grad: &mut [f32]) {
+    let value = if armed(Fault::NanGrad { rank, step }) {
+        f32::NAN
+    } else if armed(Fault::HugeGrad { rank, step }) {
+        f32::MAX
+    } else {
+        return;
+    };
+    if let Some(g) = grad.first_mut() {
+        *g = value;
     }
 }
 

@@ -157,6 +157,31 @@ fn nan_on_rank_1_is_named_and_never_applied() {
 }
 
 #[test]
+fn finite_gradients_that_overflow_when_summed_are_never_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = ["sparse.method=gtopk", "sparse.density=0.01", "train.max_steps=3"];
+    let fault = Some("huge-grad:0:2,huge-grad:1:2");
+    let (code, err) = run(&cfg, "--run-dir", &dir.path().join("e"), &sets, fault);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("step 2: the aggregated update is not finite") && err.contains("not applied"),
+        "{err}"
+    );
+    let mut skip = sets.to_vec();
+    skip.push("train.on_nonfinite=skip-step");
+    let (code, err) = run(&cfg, "--run-dir", &dir.path().join("s"), &skip, fault);
+    assert_eq!(code, 0, "{err}");
+    let recs = records(&dir.path().join("s"));
+    let skipped: Vec<&serde_json::Value> = recs.iter().filter(|r| r["skipped"] == true).collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0]["step"], 2);
+    // The weights stayed finite: the final evaluation's loss is a number.
+    let last = recs.iter().rfind(|r| r["kind"] == "epoch").unwrap();
+    assert!(last["test_loss"].as_f64().unwrap().is_finite(), "{last}");
+}
+
+#[test]
 fn the_conservation_check_catches_a_leak_and_names_the_step() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());

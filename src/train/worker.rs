@@ -167,11 +167,13 @@ impl Worker {
                 let t1 = Instant::now();
                 let report = if self.all_finite(loss)? {
                     let report = self.aggregate(density)?;
-                    self.apply_update(lr as f32)?;
-                    Some(report)
+                    self.update_finite()?.then_some(report)
                 } else {
                     None
                 };
+                if report.is_some() {
+                    self.apply_update(lr as f32)?;
+                }
                 self.pos = Position {
                     step: self.pos.step + 1,
                     epoch,
@@ -235,7 +237,7 @@ impl Worker {
         let (loss, stats) = self.task.train_loss(&self.model, idx, &mut rng)?;
         let grads = loss.backward()?;
         self.model.flat_grad(&grads, &mut self.grad)?;
-        crate::fault::nan_grad(self.rank(), self.pos.step + 1, &mut self.grad);
+        crate::fault::bad_grad(self.rank(), self.pos.step + 1, &mut self.grad);
         Ok((loss.to_scalar::<f32>()?, stats))
     }
 
@@ -252,6 +254,23 @@ impl Worker {
             OnNonfinite::Error => bail!(
                 "step {}: non-finite loss or gradient on rank(s) {bad:?}; the update was not applied \
                  (train.on_nonfinite = \"skip-step\" skips such steps instead)",
+                self.pos.step + 1
+            ),
+            OnNonfinite::SkipStep => Ok(false),
+        }
+    }
+
+    /// Finite gradients can still sum to infinity. The aggregated update is bit-identical on every
+    /// worker, so each decides alone and all decide alike. Returns false when the step is skipped
+    /// (the residuals keep what this step moved out of them: that mass is lost).
+    fn update_finite(&self) -> Result<bool> {
+        if self.update.iter().all(|u| u.is_finite()) {
+            return Ok(true);
+        }
+        match self.cfg.train.on_nonfinite {
+            OnNonfinite::Error => bail!(
+                "step {}: the aggregated update is not finite (finite gradients overflowed when summed); \
+                 it was not applied",
                 self.pos.step + 1
             ),
             OnNonfinite::SkipStep => Ok(false),
