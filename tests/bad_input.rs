@@ -122,24 +122,35 @@ fn every_bad_input_is_refused_clearly() {
     for x in lm {
         eval_lm.extend(["--set".to_string(), x.to_string()]);
     }
-    // A copy of the run whose newest checkpoint has a truncated file.
-    let damaged = run("damaged");
-    std::fs::create_dir_all(damaged.join("checkpoints")).unwrap();
-    for step in ["step-00000001", "step-00000002"] {
-        let (from, to) = (
-            done.join("checkpoints").join(step),
-            damaged.join("checkpoints").join(step),
-        );
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(&from).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    // Copies of the run with a file of a checkpoint damaged: truncated, one bit flipped, the
+    // manifest cut short; and one whose only checkpoint is damaged.
+    let damaged = |name: &str, file: &str, keep_older: bool, harm: fn(&mut Vec<u8>)| {
+        let to = run(name);
+        for step in ["step-00000001", "step-00000002"] {
+            if step.ends_with('1') && !keep_older {
+                continue;
+            }
+            let (src, dst) = (done.join("checkpoints").join(step), to.join("checkpoints").join(step));
+            std::fs::create_dir_all(&dst).unwrap();
+            for f in std::fs::read_dir(&src).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
+            }
         }
-    }
-    std::fs::copy(done.join("metrics.jsonl"), damaged.join("metrics.jsonl")).unwrap();
-    let victim = damaged.join("checkpoints/step-00000002/optimizer.safetensors");
-    let bytes = std::fs::read(&victim).unwrap();
-    std::fs::write(&victim, &bytes[..bytes.len() / 3]).unwrap();
+        std::fs::copy(done.join("metrics.jsonl"), to.join("metrics.jsonl")).unwrap();
+        let victim = to.join("checkpoints/step-00000002").join(file);
+        let mut bytes = std::fs::read(&victim).unwrap();
+        harm(&mut bytes);
+        std::fs::write(&victim, &bytes).unwrap();
+        s(&to)
+    };
+    let truncated = damaged("trunc", "optimizer.safetensors", true, |b| b.truncate(b.len() / 3));
+    let flipped = damaged("flip", "model.safetensors", true, |b| {
+        let at = b.len() - 5;
+        b[at] ^= 0x10
+    });
+    let manifest = damaged("manifest", "manifest.json", true, |b| b.truncate(7));
+    let no_good = damaged("no-good", "rank-1.json", false, |b| b.clear());
     // A run directory below a regular file can never be created (root or not).
     let a_file = d.join("a-file");
     write(&a_file, "x");
@@ -249,9 +260,24 @@ fn every_bad_input_is_refused_clearly() {
             want: vec![ck.clone(), "not a parameter of lstm-ptb".into(), "another model".into()],
         },
         case(
-            "resume a damaged checkpoint",
-            &["train", &c, "--resume", &s(&damaged)],
+            "resume a truncated checkpoint file",
+            &["train", &c, "--resume", &truncated],
             &["optimizer.safetensors is corrupt", "step-00000001", "previous good one"],
+        ),
+        case(
+            "resume a checkpoint with a flipped bit",
+            &["train", &c, "--resume", &flipped],
+            &["step-00000002: file model.safetensors is corrupt", "step-00000001"],
+        ),
+        case(
+            "resume a checkpoint with a cut manifest",
+            &["train", &c, "--resume", &manifest],
+            &["step-00000002: manifest is corrupt", "step-00000001"],
+        ),
+        case(
+            "resume with no good checkpoint left",
+            &["train", &c, "--resume", &no_good],
+            &["rank-1.json is corrupt", "no earlier good one"],
         ),
         case(
             "resume nothing",
