@@ -275,3 +275,28 @@ fn garbage_on_the_rendezvous_port_does_not_disturb_the_job() {
     drop(silent);
     assert_reaped(&pids);
 }
+
+#[test]
+fn a_rank_that_never_starts_ends_the_others_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = ["dist.workers=3", "train.batch_size=18", "dist.timeout=3"];
+    let port = free_port();
+    let run = dir.path().join("run");
+    let ranks: Vec<Rank> = (0..2).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    let started = Instant::now();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(30)).into_iter().enumerate() {
+        assert_ne!(code, 0, "rank {r}");
+        assert!(
+            err.contains("rank 2 did not join within 3s (dist.timeout)"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_reaped(&pids);
+}
