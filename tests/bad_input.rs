@@ -270,6 +270,16 @@ fn every_bad_input_is_refused_clearly() {
             &["step-00000002: file model.safetensors is corrupt", "step-00000001"],
         ),
         case(
+            "eval a checkpoint with a flipped bit",
+            &[
+                "eval",
+                &c,
+                "--checkpoint",
+                &format!("{flipped}/checkpoints/step-00000002"),
+            ],
+            &["step-00000002: file model.safetensors is corrupt"],
+        ),
+        case(
             "resume a checkpoint with a cut manifest",
             &["train", &c, "--resume", &manifest],
             &["step-00000002: manifest is corrupt", "step-00000001"],

@@ -272,6 +272,10 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
 pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
     let file = if path.is_dir() {
         let ckpt = if path.join(checkpoint::MODEL).exists() {
+            // A checkpoint directory named directly is verified too, not only the newest of a run.
+            if path.join(checkpoint::MANIFEST).exists() {
+                checkpoint::verify(path)?;
+            }
             path.to_path_buf()
         } else {
             checkpoint::latest(path)?
