@@ -214,8 +214,10 @@ fn a_stalled_rank_ends_the_job_within_the_timeout() {
     eprintln!("rank 2 (stalled, woken): {}", err2.lines().last().unwrap_or(""));
     for (r, (code, err)) in out.iter().enumerate() {
         assert_ne!(*code, 0, "rank {r} should fail");
+        // Rank 0 times out waiting for rank 2; rank 1, waiting on rank 0 for rank 2's piece, either
+        // times out too or sees rank 0 exit first, whichever comes first.
         assert!(
-            err.contains("rank 2") && err.contains("dist.timeout"),
+            err.contains("rank 2") && (err.contains("dist.timeout") || err.contains("rank 0 is gone")),
             "rank {r}: {err}"
         );
     }

@@ -175,12 +175,11 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
     let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
     let data = load_data(cfg)?;
-    let mut w =
-        Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
+    let mut w = Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data).map_err(|e| ranked(rank, e))?;
     if let Some(dir) = &resume_from {
         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
     }
-    let (test, steps) = w.run(opts.progress).with_context(|| format!("rank {rank}"))?;
+    let (test, steps) = w.run(opts.progress).map_err(|e| ranked(rank, e))?;
     Ok(Summary {
         rank,
         steps,
@@ -233,12 +232,11 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
-                    let mut w =
-                        Worker::new(&cfg, run_dir, Box::new(comm), &data).with_context(|| format!("rank {rank}"))?;
+                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data).map_err(|e| ranked(rank, e))?;
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }
-                    w.run(progress).with_context(|| format!("rank {rank}"))
+                    w.run(progress).map_err(|e| ranked(rank, e))
                 })
                 .expect("spawn worker thread")
         })
@@ -266,6 +264,16 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         test,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Names the rank in an error unless the message already starts with it (the communicators name
+/// theirs): "rank 2: rank 0 is gone", not "rank 2: rank 2: rank 0 is gone".
+fn ranked(rank: usize, e: anyhow::Error) -> anyhow::Error {
+    if e.to_string().starts_with(&format!("rank {rank}:")) {
+        e
+    } else {
+        e.context(format!("rank {rank}"))
+    }
 }
 
 /// Loss and accuracy of a saved model on the test split (one worker).
