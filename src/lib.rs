@@ -4,6 +4,7 @@ pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod data;
+pub mod fault;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod info;

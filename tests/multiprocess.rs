@@ -3,27 +3,10 @@
 
 mod common;
 
+use common::{finish, free_port, write_config, Rank};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Rank(Child);
-
-impl Drop for Rank {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
     spawn_as("--run-dir", cfg, run, rank, world, port, sets)
@@ -31,46 +14,13 @@ fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&
 
 /// `how` is `--run-dir` for a new run or `--resume` to continue one.
 fn spawn_as(how: &str, cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
-    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
-        .args(["--set", "dist.backend=tcp"])
+    let mut cmd = common::train_command(cfg, how, run, sets);
+    cmd.args(["--set", "dist.backend=tcp"])
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("RAYON_NUM_THREADS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
+        .env("MASTER_PORT", port.to_string());
     Rank(cmd.spawn().unwrap())
-}
-
-/// Waits for every rank; (exit code, stderr) per rank.
-fn finish(ranks: Vec<Rank>, limit: Duration) -> Vec<(i32, String)> {
-    let start = Instant::now();
-    ranks
-        .into_iter()
-        .map(|mut r| loop {
-            if let Some(status) = r.0.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(r.0.stderr.as_mut().unwrap(), &mut err).unwrap();
-                break (status.code().unwrap_or(-1), err);
-            }
-            assert!(
-                start.elapsed() < limit,
-                "a rank is still running after {limit:?}: something hangs"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        })
-        .collect()
-}
-
-fn write_config(dir: &Path) -> std::path::PathBuf {
-    let cfg = dir.join("tiny.toml");
-    std::fs::write(&cfg, common::TINY).unwrap();
-    cfg
 }
 
 #[test]
@@ -112,16 +62,7 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     ];
     let port = free_port();
     let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while gtopk::train::checkpoint::list(&run).map(|l| l.len()).unwrap_or(0) < 1
-        || std::fs::read_to_string(run.join("metrics.jsonl"))
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-            < 5
-    {
-        assert!(Instant::now() < deadline, "the job did not get going");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_running(&run, 5);
     let victim = ranks.pop().unwrap();
     drop(victim); // SIGKILL
     let killed_at = Instant::now();
@@ -211,4 +152,153 @@ fn mismatched_ranks_are_refused_clearly() {
     let (code, err) = &finish(ranks, Duration::from_secs(30))[0];
     assert_ne!(*code, 0);
     assert!(err.contains("in use"), "{err}");
+}
+
+/// The processes are gone from the process table: waited for, not zombies, not orphans.
+fn assert_reaped(pids: &[u32]) {
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is still in the process table"
+        );
+    }
+}
+
+/// Waits until the job has written a checkpoint and `lines` metrics lines.
+fn wait_until_running(run: &Path, lines: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gtopk::train::checkpoint::list(run).map(|l| l.len()).unwrap_or(0) < 1
+        || std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+            < lines
+    {
+        assert!(Instant::now() < deadline, "the job did not get going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+#[test]
+fn a_stalled_rank_ends_the_job_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let run = dir.path().join("run");
+    let sets = [
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.epochs=1000",
+        "train.checkpoint_every=2",
+        "train.log_every=50",
+        "dist.timeout=3",
+    ];
+    let port = free_port();
+    let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    wait_until_running(&run, 3);
+    let stalled = ranks.pop().unwrap();
+    signal(pids[2], "-STOP");
+    let stopped_at = Instant::now();
+    let out = finish(ranks, Duration::from_secs(30));
+    let took = stopped_at.elapsed();
+    // Wake the stalled rank: its peers are gone, so it must end too, on its own.
+    signal(pids[2], "-CONT");
+    let (code2, err2) = finish(vec![stalled], Duration::from_secs(30)).remove(0);
+    for (r, (_, err)) in out.iter().enumerate() {
+        eprintln!("rank {r}: {}", err.lines().last().unwrap_or(""));
+    }
+    eprintln!("rank 2 (stalled, woken): {}", err2.lines().last().unwrap_or(""));
+    for (r, (code, err)) in out.iter().enumerate() {
+        assert_ne!(*code, 0, "rank {r} should fail");
+        // Rank 0 times out waiting for rank 2; rank 1, waiting on rank 0 for rank 2's piece, either
+        // times out too or sees rank 0 exit first, whichever comes first.
+        assert!(
+            err.contains("rank 2") && (err.contains("dist.timeout") || err.contains("rank 0 is gone")),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        out[0].1.contains("rank 2"),
+        "rank 0 does not name the stalled rank: {}",
+        out[0].1
+    );
+    assert!(
+        took < Duration::from_secs(12),
+        "the live ranks took {took:?} with dist.timeout = 3"
+    );
+    assert!(
+        code2 != 0 && err2.contains("is gone"),
+        "the stalled rank, once woken: {err2}"
+    );
+    assert_reaped(&pids);
+    gtopk::train::checkpoint::latest(&run).unwrap().unwrap();
+}
+
+#[test]
+fn garbage_on_the_rendezvous_port_does_not_disturb_the_job() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = [
+        "dist.workers=3",
+        "train.batch_size=18",
+        "train.max_steps=2",
+        "dist.timeout=10",
+    ];
+    let port = free_port();
+    let run = dir.path().join("run");
+    let first = spawn(&cfg, &run, 0, 3, port, &sets);
+    // Once rank 0 listens: a connection that sends noise, one that sends a huge length prefix,
+    // and one that connects and says nothing, held open through the whole job.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let silent = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("rank 0 never listened: {e}"),
+        }
+    };
+    let mut rng = gtopk::rng::Rng::new(5);
+    let noise: Vec<u8> = (0..4096).map(|_| rng.next_u32() as u8).collect();
+    for payload in [&noise[..], &[0xff; 64][..], b"GET / HTTP/1.1\r\n\r\n"] {
+        let mut g = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = g.write_all(payload);
+    }
+    let mut ranks = vec![first];
+    ranks.extend((1..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)));
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(60)).into_iter().enumerate() {
+        assert_eq!(code, 0, "rank {r} failed: {err}");
+    }
+    drop(silent);
+    assert_reaped(&pids);
+}
+
+#[test]
+fn a_rank_that_never_starts_ends_the_others_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = ["dist.workers=3", "train.batch_size=18", "dist.timeout=3"];
+    let port = free_port();
+    let run = dir.path().join("run");
+    let ranks: Vec<Rank> = (0..2).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
+    let started = Instant::now();
+    for (r, (code, err)) in finish(ranks, Duration::from_secs(30)).into_iter().enumerate() {
+        assert_ne!(code, 0, "rank {r}");
+        assert!(
+            err.contains("rank 2 did not join within 3s (dist.timeout)"),
+            "rank {r}: {err}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_reaped(&pids);
 }

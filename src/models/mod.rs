@@ -195,7 +195,8 @@ impl Model {
     pub fn load(&self, path: &Path) -> Result<()> {
         let tensors = candle_core::safetensors::load(path, &Device::Cpu)
             .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
-        let arch = format!("{:?}", self.arch).to_lowercase();
+        // The name as the config spells it (model.arch = "lstm-ptb").
+        let arch = serde_json::to_value(self.arch)?.as_str().unwrap_or("?").to_string();
         for name in tensors.keys() {
             let known = self.params.iter().chain(&self.buffers).any(|(n, _)| n == name);
             if !known && !name.ends_with("num_batches_tracked") {

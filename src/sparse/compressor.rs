@@ -120,6 +120,7 @@ impl Compressor {
             traffic: comm.traffic() - before,
             ..StepReport::default()
         };
+        crate::fault::leak_mass(comm.rank(), self.step + 1, &mut self.residual);
         if opts.check_conservation {
             self.check_conservation(comm, update, &mut report)?;
         }

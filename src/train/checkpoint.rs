@@ -42,6 +42,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` and flushes them to disk.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::fault::checkpoint_write(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
@@ -54,6 +55,7 @@ pub fn write_vectors(path: &Path, vectors: &[(&str, &[f32])]) -> Result<()> {
         .iter()
         .map(|(n, v)| Ok((n.to_string(), Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
         .collect::<Result<_>>()?;
+    crate::fault::checkpoint_write(path).with_context(|| format!("cannot write {}", path.display()))?;
     candle_core::safetensors::save(&map, path).with_context(|| format!("cannot write {}", path.display()))?;
     File::open(path)?.sync_all()?;
     Ok(())

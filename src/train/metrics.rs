@@ -58,7 +58,17 @@ pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let keep: Vec<Value> = read(run_dir)?
+    // A run killed while appending leaves a torn last line (no newline): drop it, it is rewritten.
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let keep: Vec<Value> = text[..whole]
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.is_empty())
+        .map(|(i, line)| {
+            serde_json::from_slice(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
+        })
+        .collect::<Result<Vec<Value>>>()?
         .into_iter()
         .filter(|r| {
             let s = r.get("step").and_then(Value::as_u64).unwrap_or(0);
@@ -74,7 +84,10 @@ pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
         out.extend(serde_json::to_vec(&r)?);
         out.push(b'\n');
     }
-    super::checkpoint::write_file(&path, &out)
+    // Rewritten beside and renamed over, so a kill here leaves the old file or the new, never half.
+    let tmp = run_dir.join(format!("{FILE}.tmp"));
+    super::checkpoint::write_file(&tmp, &out)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))
 }
 
 /// A record with the timing fields removed, for comparing runs bit for bit.
@@ -86,4 +99,28 @@ pub fn deterministic_part(record: &Value) -> Value {
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncate_after_drops_a_torn_last_line_and_later_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = MetricsWriter::open(dir.path()).unwrap();
+        for step in 1..=4 {
+            w.write(&serde_json::json!({"kind": "step", "step": step})).unwrap();
+        }
+        // A process killed mid-append leaves half a record.
+        w.file.write_all(br#"{"kind": "step", "st"#).unwrap();
+        truncate_after(dir.path(), 2).unwrap();
+        let steps: Vec<u64> = read(dir.path())
+            .unwrap()
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2]);
+        assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
+    }
 }

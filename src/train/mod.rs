@@ -109,7 +109,22 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
                 checkpoint::root(dir).display()
             )
         })?;
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(ckpt.join("trainer.json"))?)?;
+        let meta_path = ckpt.join("trainer.json");
+        let meta: serde_json::Value = std::fs::read(&meta_path)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            .with_context(|| format!("{}: unreadable", meta_path.display()))?;
+        // Another model's weights cannot continue this one: say so before loading anything.
+        let arch = serde_json::to_value(cfg.model.arch)?;
+        if meta["arch"] != arch {
+            bail!(
+                "--resume {}: checkpoint {} holds a model.arch = {} model, the config asks for {}",
+                dir.display(),
+                ckpt.display(),
+                meta["arch"],
+                arch
+            );
+        }
         if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
             eprintln!("note: the config differs from the one the checkpoint was written with");
         }
@@ -132,6 +147,7 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+    crate::fault::check_plan()?;
     match cfg.dist.backend {
         Backend::Local => train_local(cfg, opts),
         Backend::Tcp => train_process(cfg, opts),
@@ -160,13 +176,12 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
     let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
     let data = load_data(cfg)?;
-    let dev = device::open(&cfg.device, info.local_rank).with_context(|| format!("rank {rank}"))?;
-    let mut w =
-        Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data, &dev).with_context(|| format!("rank {rank}"))?;
+    let dev = device::open(&cfg.device, info.local_rank).map_err(|e| ranked(rank, e))?;
+    let mut w = Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
     if let Some(dir) = &resume_from {
         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
     }
-    let (test, steps) = w.run(opts.progress).with_context(|| format!("rank {rank}"))?;
+    let (test, steps) = w.run(opts.progress).map_err(|e| ranked(rank, e))?;
     Ok(Summary {
         rank,
         steps,
@@ -225,12 +240,11 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
-                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev)
-                        .with_context(|| format!("rank {rank}"))?;
+                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }
-                    w.run(progress).with_context(|| format!("rank {rank}"))
+                    w.run(progress).map_err(|e| ranked(rank, e))
                 })
                 .expect("spawn worker thread")
         })
@@ -260,10 +274,24 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     })
 }
 
+/// Names the rank in an error unless the message already starts with it (the communicators name
+/// theirs): "rank 2: rank 0 is gone", not "rank 2: rank 2: rank 0 is gone".
+fn ranked(rank: usize, e: anyhow::Error) -> anyhow::Error {
+    if e.to_string().starts_with(&format!("rank {rank}:")) {
+        e
+    } else {
+        e.context(format!("rank {rank}"))
+    }
+}
+
 /// Loss and accuracy of a saved model on the test split (one worker).
 pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
     let file = if path.is_dir() {
         let ckpt = if path.join(checkpoint::MODEL).exists() {
+            // A checkpoint directory named directly is verified too, not only the newest of a run.
+            if path.join(checkpoint::MANIFEST).exists() {
+                checkpoint::verify(path)?;
+            }
             path.to_path_buf()
         } else {
             checkpoint::latest(path)?

@@ -174,11 +174,13 @@ impl Worker {
                 let t1 = Instant::now();
                 let report = if self.all_finite(loss)? {
                     let report = self.aggregate(density)?;
-                    self.apply_update(lr as f32)?;
-                    Some(report)
+                    self.update_finite()?.then_some(report)
                 } else {
                     None
                 };
+                if report.is_some() {
+                    self.apply_update(lr as f32)?;
+                }
                 self.pos = Position {
                     step: self.pos.step + 1,
                     epoch,
@@ -246,6 +248,7 @@ impl Worker {
         let _bwd = profile::range("bwd");
         let grads = loss.backward()?;
         self.model.flat_grad(&grads, &mut self.grad)?;
+        crate::fault::bad_grad(self.rank(), self.pos.step + 1, &mut self.grad);
         Ok((loss.to_scalar::<f32>()?, stats))
     }
 
@@ -262,6 +265,23 @@ impl Worker {
             OnNonfinite::Error => bail!(
                 "step {}: non-finite loss or gradient on rank(s) {bad:?}; the update was not applied \
                  (train.on_nonfinite = \"skip-step\" skips such steps instead)",
+                self.pos.step + 1
+            ),
+            OnNonfinite::SkipStep => Ok(false),
+        }
+    }
+
+    /// Finite gradients can still sum to infinity. The aggregated update is bit-identical on every
+    /// worker, so each decides alone and all decide alike. Returns false when the step is skipped
+    /// (the residuals keep what this step moved out of them: that mass is lost).
+    fn update_finite(&self) -> Result<bool> {
+        if self.update.iter().all(|u| u.is_finite()) {
+            return Ok(true);
+        }
+        match self.cfg.train.on_nonfinite {
+            OnNonfinite::Error => bail!(
+                "step {}: the aggregated update is not finite (finite gradients overflowed when summed); \
+                 it was not applied",
                 self.pos.step + 1
             ),
             OnNonfinite::SkipStep => Ok(false),
@@ -285,7 +305,11 @@ impl Worker {
         // Under origin-index losing mass is the point of the policy: it is logged, not an error.
         if let (Some(err), ResidualPolicy::Conserve) = (report.conservation_rel_err, self.cfg.sparse.residual_policy) {
             if err > 1e-4 {
-                bail!("step {step}: mass not conserved by the sparse aggregation (relative error {err:.3e})");
+                bail!(
+                    "step {step}: mass not conserved by the sparse aggregation (relative error {err:.3e}, seen by \
+                     rank {}); the update was not applied",
+                    self.rank()
+                );
             }
         }
         Ok(report)

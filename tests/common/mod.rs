@@ -5,6 +5,8 @@ use gtopk::config::Config;
 use gtopk::train::{self, metrics, RunOptions, Summary};
 use serde_json::Value;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const TINY: &str = r#"
 name = "tiny"
@@ -55,4 +57,63 @@ pub fn records(dir: &Path) -> Vec<Value> {
         .iter()
         .map(metrics::deterministic_part)
         .collect()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the process when dropped, so a failing test leaves nothing behind.
+pub struct Rank(pub Child);
+
+impl Drop for Rank {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for every rank; (exit code, stderr) per rank.
+pub fn finish(ranks: Vec<Rank>, limit: Duration) -> Vec<(i32, String)> {
+    let start = Instant::now();
+    ranks
+        .into_iter()
+        .map(|mut r| loop {
+            if let Some(status) = r.0.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(r.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+                break (status.code().unwrap_or(-1), err);
+            }
+            assert!(
+                start.elapsed() < limit,
+                "a rank is still running after {limit:?}: something hangs"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        })
+        .collect()
+}
+
+/// The tiny config as a file in `dir`, for the binary.
+pub fn write_config(dir: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("tiny.toml");
+    std::fs::write(&cfg, TINY).unwrap();
+    cfg
+}
+
+/// `gtopk train CONFIG --plain HOW RUN --set ...`; `how` is `--run-dir` for a new run or `--resume`
+/// to continue one. Stderr is piped for `finish`: keep such runs' logs short (a full pipe stalls).
+pub fn train_command(cfg: &Path, how: &str, run: &Path, sets: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gtopk"));
+    cmd.args(["train", cfg.to_str().unwrap(), "--plain", how, run.to_str().unwrap()])
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd
 }

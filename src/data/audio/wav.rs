@@ -19,6 +19,12 @@ pub fn read(path: &Path) -> Result<(Vec<f32>, u32)> {
     decode(reader).with_context(|| format!("WAV file {} is malformed", path.display()))
 }
 
+/// The same from bytes in memory (the fuzz tests feed it damaged files).
+pub fn parse(bytes: &[u8]) -> Result<(Vec<f32>, u32)> {
+    let reader = hound::WavReader::new(bytes).context("not a RIFF/WAVE file")?;
+    decode(reader)
+}
+
 fn decode<R: std::io::Read>(mut reader: hound::WavReader<R>) -> Result<(Vec<f32>, u32)> {
     let spec = reader.spec();
     if spec.channels != 1 {
@@ -28,6 +34,9 @@ fn decode<R: std::io::Read>(mut reader: hound::WavReader<R>) -> Result<(Vec<f32>
         );
     }
     let expected = reader.len() as usize;
+    if !(1..=32).contains(&spec.bits_per_sample) {
+        bail!("{} bits per sample: expected 1 to 32", spec.bits_per_sample);
+    }
     let samples = match spec.sample_format {
         hound::SampleFormat::Int => {
             let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
@@ -49,7 +58,8 @@ fn collect<S, I>(samples: I, expected: usize, scale: impl Fn(S) -> f32) -> Resul
 where
     I: Iterator<Item = hound::Result<S>>,
 {
-    let mut out = Vec::with_capacity(expected);
+    // The header's count is only a promise: a damaged one must not reserve gigabytes up front.
+    let mut out = Vec::with_capacity(expected.min(1 << 20));
     for s in samples {
         match s {
             Ok(s) => out.push(scale(s)),
