@@ -5,6 +5,7 @@ pub mod comm;
 pub mod config;
 pub mod data;
 pub mod models;
+pub mod plot;
 pub mod rng;
 pub mod sparse;
 pub mod train;

@@ -5,7 +5,6 @@
 //! Every routine here is backend-free and deterministic; the selection and merge are the CPU twins
 //! (the specification) of the CUDA kernels.
 
-pub mod bench;
 mod compressor;
 mod config;
 mod delta;
@@ -24,7 +23,6 @@ mod reference;
 #[cfg(test)]
 mod tests;
 
-pub use bench::{bench_select, render_table, SelectBenchRow};
 pub use compressor::Compressor;
 pub use config::{CompressorConfig, CompressorState, GtopkAlgo, Method, ResidualPolicy, StepOptions, StepReport};
 pub use delta::{delta_expected, delta_sampled};
