@@ -123,12 +123,15 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// One run's curve in a panel: its legend name, the record key found, the points.
+type Line<'a> = (&'a str, String, Vec<(f64, f64)>);
+
 /// Writes the SVG: one panel per metric (in order), one line per run that has the metric.
 pub fn plot(runs: &[Run], metrics: &[String], x: XAxis, out: &Path) -> Result<()> {
     ensure!(!metrics.is_empty(), "--metrics: name at least one metric");
     let mut panels = Vec::new();
     for m in metrics {
-        let lines: Vec<(&str, String, Vec<(f64, f64)>)> = runs
+        let lines: Vec<Line> = runs
             .iter()
             .filter_map(|r| r.series(m, x).map(|(key, pts)| (r.name.as_str(), key, pts)))
             .collect();

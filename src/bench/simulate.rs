@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(r.topk_s, 1.5 + 80.0);
         assert_eq!(r.gtopk_tree_s, 1.5 + 160.0);
         assert_eq!(r.gtopk_rd_s, 1.5 + 80.0);
-        assert!(render(&[r.clone()]).contains("x dense"));
+        assert!(render(std::slice::from_ref(r)).contains("x dense"));
     }
 
     #[test]
