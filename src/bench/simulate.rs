@@ -163,19 +163,21 @@ pub fn render(rows: &[SimRow]) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn two_workers_on_a_pure_bandwidth_network() {
-        let net = Network {
-            name: "t",
-            alpha: 0.0,
-            beta: 1.0,
-        };
+    /// A network and a d = 1000, k = 10 workload.
+    fn setup(alpha: f64, beta: f64, compute_s: f64, sparsify_s: f64) -> (Network, Workload) {
+        let net = Network { name: "t", alpha, beta };
         let w = Workload {
             d: 1000,
             k: 10,
-            compute_s: 1.0,
-            sparsify_s: 0.5,
+            compute_s,
+            sparsify_s,
         };
+        (net, w)
+    }
+
+    #[test]
+    fn two_workers_on_a_pure_bandwidth_network() {
+        let (net, w) = setup(0.0, 1.0, 1.0, 0.5);
         let r = &simulate(&[net], &[2], &w).unwrap()[0];
         // Ring all-reduce: 2 (P-1)/P * 4d bytes; all-gather: (P-1) 8k; tree: a send and a broadcast.
         assert_eq!(r.dense_s, 1.0 + 4000.0);
@@ -187,17 +189,7 @@ mod tests {
 
     #[test]
     fn latency_terms_and_the_crossover() {
-        let net = Network {
-            name: "t",
-            alpha: 1.0,
-            beta: 0.0,
-        };
-        let w = Workload {
-            d: 1000,
-            k: 10,
-            compute_s: 0.0,
-            sparsify_s: 0.0,
-        };
+        let (net, w) = setup(1.0, 0.0, 0.0, 0.0);
         let rows = simulate(&[net], &[4, 1024], &w).unwrap();
         assert_eq!((rows[0].dense_s, rows[0].topk_s, rows[0].gtopk_tree_s), (6.0, 3.0, 4.0));
         assert_eq!(rows[1].gtopk_tree_s, 20.0);
