@@ -189,7 +189,8 @@ enum Bench {
         workers: usize,
     },
     /// Seconds per training step split into compute, sparsification, communication and optimizer,
-    /// from a short run of the trainer (the first step is a warm-up and not counted).
+    /// from a short run of the trainer with the workers as threads of this process (the first step
+    /// is a warm-up and not counted).
     Step {
         /// The job's TOML config (e.g. configs/quickstart.toml).
         config: PathBuf,

@@ -29,9 +29,11 @@ pub struct StepBreakdown {
 }
 
 /// The keys forced on the user's config: one record per step, nothing measured beyond the step
-/// itself (no delta, no conservation check, no checkpoints).
+/// itself (no delta, no conservation check, no checkpoints), and the workers as threads of this
+/// process (a tcp job would need a launcher around the benchmark).
 fn forced_overrides(steps: usize) -> Vec<String> {
     vec![
+        "dist.backend=local".into(),
         format!("train.max_steps={}", steps + 1),
         "train.log_every=1".into(),
         "train.checkpoint_every=0".into(),
