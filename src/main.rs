@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gtopk::bench::comm::CommRow;
+use gtopk::bench::kernels::{KernelBench, Op};
 use gtopk::comm::local::LocalComm;
 use gtopk::comm::Overrides;
 use gtopk::config::Config;
@@ -59,6 +60,50 @@ enum Command {
         #[command(subcommand)]
         what: Bench,
     },
+    /// Iteration time of dense, Top-k and gTop-k S-SGD for P workers under an alpha-beta network
+    /// model (presets 1gbe, 10gbe, ib100), and gTop-k's speedup over dense and over Top-k.
+    Simulate {
+        /// Trainable parameters d (or take d, k, compute and sparsification from --from-step).
+        #[arg(long, value_parser = parse_size, default_value = "270k")]
+        d: usize,
+        /// Density k/d.
+        #[arg(long, default_value_t = 0.001)]
+        density: f64,
+        /// Forward and backward seconds per step.
+        #[arg(long, default_value_t = 0.0)]
+        compute: f64,
+        /// Local sparsification seconds per step (selection, merges, scatter) of Top-k and gTop-k.
+        #[arg(long, default_value_t = 0.0)]
+        sparsify: f64,
+        /// The JSON of `gtopk bench step --json`: d, k, compute and sparsification seconds.
+        #[arg(long, value_name = "FILE.json", conflicts_with_all = ["d", "density", "compute", "sparsify"])]
+        from_step: Option<PathBuf>,
+        /// Networks.
+        #[arg(long, value_delimiter = ',', default_values_t = ["1gbe".to_string(), "10gbe".into(), "ib100".into()])]
+        networks: Vec<String>,
+        /// Numbers of workers P.
+        #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8, 16, 32, 64, 128, 256, 512, 1024])]
+        workers: Vec<usize>,
+        /// Print the rows as JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Curves of runs' metrics.jsonl into one SVG: a panel per metric, a line per run.
+    Plot {
+        /// Run directories (each with a metrics.jsonl).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// The SVG file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The x axis.
+        #[arg(long, value_enum, default_value = "step")]
+        x: gtopk::plot::XAxis,
+        /// Metrics, one panel each: keys of metrics.jsonl (loss, accuracy, delta, perplexity, wer, ...;
+        /// test_ and train_ forms of epoch records are found too).
+        #[arg(long, value_delimiter = ',', default_values_t = ["loss".to_string(), "accuracy".into(), "delta".into()])]
+        metrics: Vec<String>,
+    },
     /// What this binary was built with and the devices, driver and NCCL it finds.
     Info,
     /// Check every CUDA kernel against its CPU twin on fresh random data, then time it beside the
@@ -113,21 +158,79 @@ struct LaunchArgs {
     master_port: Option<u16>,
 }
 
+/// Parses a count with an optional k, m or g suffix (powers of 1000): `270k`, `15m`, `1.5m`.
+fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1e3),
+        Some('m') => (&t[..t.len() - 1], 1e6),
+        Some('g') => (&t[..t.len() - 1], 1e9),
+        _ => (t.as_str(), 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a count like 270000, 270k or 15m"))?;
+    let n = v * mult;
+    if !(n >= 1.0 && n.fract() == 0.0 && n <= u32::MAX as f64) {
+        return Err(format!("{s:?} is not a whole count between 1 and 2^32-1"));
+    }
+    Ok(n as usize)
+}
+
+/// What `bench select|merge|scatter` share.
+#[derive(clap::Args)]
+struct KernelArgs {
+    /// Vector sizes d, with k/m suffixes (default: ResNet-20's 270K and VGG-16's 15M).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values_t = [270_000usize, 15_000_000])]
+    sizes: Vec<usize>,
+    /// Densities k/d.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.001f64, 0.01])]
+    densities: Vec<f64>,
+    /// Timed repetitions per row, after one warm-up call.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Where the kernels run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: gtopk::bench::kernels::Device,
+    /// Print the rows as JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum Bench {
-    /// Exact top-k by magnitude (our radix select) against select_nth_unstable_by and a full sort,
-    /// on the same normal random data, median of --reps calls after a warm-up.
+    /// Exact top-k by magnitude (our radix select), with select_nth_unstable_by and a full sort on
+    /// the CPU as baselines: median and min/max of --reps calls, GB/s beside a plain copy's.
     Select {
-        /// Vector sizes d (default: ResNet-20's 270K, VGG-16's 15M and the PTB LSTM's 66M).
-        #[arg(long, value_delimiter = ',', default_values_t = [270_000usize, 15_000_000, 66_000_000])]
-        sizes: Vec<usize>,
-        /// Densities k/d.
-        #[arg(long, value_delimiter = ',', default_values_t = [0.001f64, 0.01])]
-        densities: Vec<f64>,
-        /// Timed repetitions per row.
-        #[arg(long, default_value_t = 5)]
-        reps: usize,
-        /// Print the rows as JSON lines instead of a table.
+        #[command(flatten)]
+        args: KernelArgs,
+    },
+    /// The merge of two index-sorted k-sets into the top k of their union (one gTop-k round).
+    Merge {
+        #[command(flatten)]
+        args: KernelArgs,
+    },
+    /// A zeroed dense d-vector plus k pairs scaled by 1/P (the update the optimizer receives).
+    Scatter {
+        #[command(flatten)]
+        args: KernelArgs,
+        /// P, for the scale 1/P.
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+    },
+    /// Seconds per training step split into compute, sparsification, communication and optimizer,
+    /// from a short run of the trainer with the workers as threads of this process (the first step
+    /// is a warm-up and not counted).
+    Step {
+        /// The job's TOML config (e.g. configs/quickstart.toml).
+        config: PathBuf,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Override a config key: --set section.key=value.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print one JSON object (what `simulate --from-step` reads) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -140,8 +243,8 @@ enum Bench {
         /// Numbers of workers P.
         #[arg(long, value_delimiter = ',', default_values_t = [2usize, 4, 8, 16])]
         workers: Vec<usize>,
-        /// Vector sizes d (ResNet-20's 270K and VGG-16's 15M by default).
-        #[arg(long, value_delimiter = ',', default_values_t = [270_000usize, 15_000_000])]
+        /// Vector sizes d, with k/m suffixes (ResNet-20's 270K and VGG-16's 15M by default).
+        #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values_t = [270_000usize, 15_000_000])]
         sizes: Vec<usize>,
         #[arg(long, default_value_t = 0.001)]
         density: f64,
@@ -237,6 +340,26 @@ fn bench_comm_tcp(p: usize, sizes: &[usize], density: f64, steps: usize) -> Resu
     Ok(rows)
 }
 
+fn bench_kernels(op: Op, a: KernelArgs, workers: usize) -> Result<()> {
+    let rows = gtopk::bench::kernels::run(&KernelBench {
+        op,
+        device: a.device,
+        sizes: a.sizes,
+        densities: a.densities,
+        reps: a.reps,
+        workers,
+        baselines: true,
+    })?;
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        print!("{}", gtopk::bench::harness::render(&rows));
+    }
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -301,29 +424,78 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&e)?);
         }
         Command::Bench {
+            what: Bench::Select { args },
+        } => bench_kernels(Op::Select, args, 4)?,
+        Command::Bench {
+            what: Bench::Merge { args },
+        } => bench_kernels(Op::Merge, args, 4)?,
+        Command::Bench {
+            what: Bench::Scatter { args, workers },
+        } => bench_kernels(Op::Scatter, args, workers)?,
+        Command::Bench {
             what:
-                Bench::Select {
-                    sizes,
-                    densities,
-                    reps,
+                Bench::Step {
+                    config,
+                    steps,
+                    overrides,
                     json,
                 },
         } => {
-            if let Some(d) = densities.iter().find(|d| !(**d > 0.0 && **d <= 1.0)) {
-                anyhow::bail!("--densities: {d} is outside (0, 1]");
+            let b = gtopk::bench::step::run(&config, &overrides, steps)?;
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+            } else {
+                print!("{}", gtopk::bench::step::render(&b));
             }
-            let rows = gtopk::sparse::bench_select(&sizes, &densities, reps);
+        }
+        Command::Simulate {
+            d,
+            density,
+            compute,
+            sparsify,
+            from_step,
+            networks,
+            workers,
+            json,
+        } => {
+            use gtopk::bench::simulate::{self, Workload};
+            let w = match from_step {
+                Some(path) => Workload::from_step_file(&path)?,
+                None => {
+                    anyhow::ensure!(
+                        density > 0.0 && density <= 1.0,
+                        "--density {density}: must be in (0, 1]"
+                    );
+                    Workload {
+                        d,
+                        k: ((density * d as f64).floor() as usize).max(1),
+                        compute_s: compute,
+                        sparsify_s: sparsify,
+                    }
+                }
+            };
+            let nets = networks
+                .iter()
+                .map(|n| simulate::preset(n))
+                .collect::<Result<Vec<_>>>()?;
+            let rows = simulate::simulate(&nets, &workers, &w)?;
             if json {
                 for r in &rows {
-                    println!(
-                        "{}",
-                        serde_json::json!({"d": r.d, "density": r.density, "k": r.k, "radix_s": r.radix_s,
-                            "nth_s": r.nth_s, "sort_s": r.sort_s, "agree": r.agree})
-                    );
+                    println!("{}", serde_json::to_string(r)?);
                 }
             } else {
-                print!("{}", gtopk::sparse::render_table(&rows));
+                println!(
+                    "compute {:.3} ms, sparsification {:.3} ms per step; gTop-k is the tree variant in the speedups",
+                    w.compute_s * 1e3,
+                    w.sparsify_s * 1e3
+                );
+                print!("{}", simulate::render(&rows));
             }
+        }
+        Command::Plot { runs, out, x, metrics } => {
+            let loaded = gtopk::plot::load_runs(&runs)?;
+            gtopk::plot::plot(&loaded, &metrics, x, &out)?;
+            eprintln!("wrote {}", out.display());
         }
         Command::Bench {
             what:

@@ -1,11 +1,10 @@
 //! `gtopk bench comm`: bytes and seconds per aggregation step for dense, Top-k and gTop-k (tree and
 //! recursive doubling) over a real communicator, next to the byte counts the schedules predict.
 
+use super::theory::theory_total_bytes;
 use crate::comm::Communicator;
 use crate::rng::Rng;
-use crate::sparse::{
-    recursive_doubling_schedule, tree_schedule, Compressor, CompressorConfig, GtopkAlgo, Method, StepOptions,
-};
+use crate::sparse::{Compressor, CompressorConfig, GtopkAlgo, Method, StepOptions};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -32,23 +31,6 @@ pub struct CommRow {
     pub max_bytes_worker: u64,
     /// Median over steps of the slowest worker's seconds per aggregation.
     pub seconds_per_step: f64,
-}
-
-/// Bytes all workers send in one step, by the schedule: 8 bytes per (index, f32) pair.
-pub fn theory_total_bytes(method: Method, algo: GtopkAlgo, world: usize, d: usize, k: usize) -> u64 {
-    let p = world as u64;
-    let pair = 8 * k as u64;
-    match (method, algo) {
-        // Ring reduce-scatter + all-gather: every chunk crosses P-1 links twice.
-        (Method::Dense, _) => 2 * (p - 1) * 4 * d as u64,
-        (Method::Topk, _) => p * (p - 1) * pair,
-        (Method::Randomk, _) => theory_total_bytes(Method::Dense, algo, world, k, k),
-        (Method::Gtopk, GtopkAlgo::Tree) => {
-            let tree: usize = tree_schedule(world).iter().map(Vec::len).sum();
-            (tree as u64 + p - 1) * pair
-        }
-        (Method::Gtopk, GtopkAlgo::RecursiveDoubling) => recursive_doubling_schedule(world).messages() as u64 * pair,
-    }
 }
 
 /// One worker's part: `steps` timed aggregations (after one warm-up) of fresh normal gradients.

@@ -1,3 +1,8 @@
 //! Benchmarks behind `gtopk bench ...`: numbers for docs/, never asserted on in tests.
 
 pub mod comm;
+pub mod harness;
+pub mod kernels;
+pub mod simulate;
+pub mod step;
+pub mod theory;

@@ -8,6 +8,7 @@ pub mod launch;
 pub mod local;
 pub mod rendezvous;
 pub mod tcp;
+pub mod timed;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@ use super::layout::Layout;
 use super::randomk::random_selection;
 use super::reduce::gtopk_reduce;
 use super::set::SparseSet;
+use crate::comm::timed::Timed;
 use crate::comm::Communicator;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
@@ -104,20 +105,23 @@ impl Compressor {
         let world = comm.world_size();
         // `update` holds the global sum until the division by P at the end.
         let before = comm.traffic();
+        let mut timed = Timed::new(comm);
         let applied = match self.cfg.method {
             Method::Dense => {
                 update.copy_from_slice(&self.acc);
-                comm.all_reduce_sum(update)?;
+                timed.all_reduce_sum(update)?;
                 Applied::Everything
             }
-            Method::Topk => self.topk(comm, &ks, update)?,
-            Method::Gtopk => self.gtopk(comm, &ks, update)?,
-            Method::Randomk => self.randomk(comm, &ks, update)?,
+            Method::Topk => self.topk(&mut timed, &ks, update)?,
+            Method::Gtopk => self.gtopk(&mut timed, &ks, update)?,
+            Method::Randomk => self.randomk(&mut timed, &ks, update)?,
         };
+        let comm_s = timed.seconds;
 
         let mut report = StepReport {
             k: ks.iter().sum(),
             traffic: comm.traffic() - before,
+            comm_s,
             ..StepReport::default()
         };
         crate::fault::leak_mass(comm.rank(), self.step + 1, &mut self.residual);

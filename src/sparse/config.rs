@@ -94,6 +94,9 @@ pub struct StepReport {
     pub lost_mass: Option<f64>,
     /// Bytes of the aggregation itself; the optional measurements' collectives are not counted.
     pub traffic: Traffic,
+    /// Seconds inside the aggregation's communication calls; the rest of the step's time is local
+    /// work (selection, merges, scatter).
+    pub comm_s: f64,
 }
 
 /// Everything a checkpoint needs to resume a compressor bit for bit.

@@ -6,7 +6,6 @@
 //! (the specification) of the CUDA kernels.
 
 mod accumulate;
-pub mod bench;
 mod compressor;
 mod config;
 mod delta;
@@ -26,7 +25,6 @@ mod reference;
 mod tests;
 
 pub use accumulate::accumulate;
-pub use bench::{bench_select, render_table, SelectBenchRow};
 pub use compressor::Compressor;
 pub use config::{CompressorConfig, CompressorState, GtopkAlgo, Method, ResidualPolicy, StepOptions, StepReport};
 pub use delta::{delta_expected, delta_sampled};

@@ -18,6 +18,8 @@ pub struct Window {
     steps: f64,
     t_compute: f64,
     t_aggregate: f64,
+    /// The part of `t_aggregate` inside communication calls.
+    t_comm: f64,
     t_optimizer: f64,
     last: Traffic,
     total: Traffic,
@@ -34,6 +36,7 @@ impl Default for Window {
             steps: 0.0,
             t_compute: 0.0,
             t_aggregate: 0.0,
+            t_comm: 0.0,
             t_optimizer: 0.0,
             last: Traffic::default(),
             total: Traffic::default(),
@@ -51,8 +54,10 @@ impl Window {
         self.t_compute += t_compute;
     }
 
-    pub fn add_aggregation(&mut self, seconds: f64, traffic: Traffic) {
+    /// `comm_seconds`: the part of `seconds` spent communicating.
+    pub fn add_aggregation(&mut self, seconds: f64, comm_seconds: f64, traffic: Traffic) {
         self.t_aggregate += seconds;
+        self.t_comm += comm_seconds;
         self.last = traffic;
         self.total.sent += traffic.sent;
         self.total.recv += traffic.recv;
@@ -103,7 +108,7 @@ impl Window {
 
     fn to_vec(&self) -> Vec<f64> {
         let mut v = self.snapshot().to_vec();
-        v.extend([self.t_compute, self.t_aggregate, self.t_optimizer]);
+        v.extend([self.t_compute, self.t_aggregate, self.t_optimizer, self.t_comm]);
         v
     }
 
@@ -118,7 +123,7 @@ impl Window {
             correct: sum(1),
             items: sum(2),
             samples: sum(3),
-            per_step: [9, 10, 11]
+            per_step: [9, 10, 11, 12]
                 .map(|i| col(i).iter().zip(col(4)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
             last_sent: ints(5),
             last_recv: ints(6),
@@ -133,8 +138,9 @@ pub struct Gathered {
     correct: f64,
     items: f64,
     pub samples: f64,
-    /// Mean over ranks of seconds per step: compute, aggregation, optimizer.
-    per_step: [f64; 3],
+    /// Mean over ranks of seconds per step: compute, aggregation, optimizer, and the communication
+    /// part of aggregation.
+    per_step: [f64; 4],
     pub last_sent: Vec<u64>,
     pub last_recv: Vec<u64>,
     pub total_sent: Vec<u64>,
@@ -151,7 +157,8 @@ impl Gathered {
     }
 
     pub fn time_split(&self) -> Value {
-        json!({"compute": self.per_step[0], "aggregation": self.per_step[1], "optimizer": self.per_step[2]})
+        json!({"compute": self.per_step[0], "aggregation": self.per_step[1], "optimizer": self.per_step[2],
+            "communication": self.per_step[3]})
     }
 }
 

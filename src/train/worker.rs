@@ -300,8 +300,9 @@ impl Worker {
             .compressor
             .step(self.comm.as_mut(), &self.grad, density, opts, &mut self.update)?;
         let traffic = report.traffic;
-        self.window.add_aggregation(t0.elapsed().as_secs_f64(), traffic);
-        self.epoch_window.add_aggregation(0.0, traffic);
+        self.window
+            .add_aggregation(t0.elapsed().as_secs_f64(), report.comm_s, traffic);
+        self.epoch_window.add_aggregation(0.0, 0.0, traffic);
         // Under origin-index losing mass is the point of the policy: it is logged, not an error.
         if let (Some(err), ResidualPolicy::Conserve) = (report.conservation_rel_err, self.cfg.sparse.residual_policy) {
             if err > 1e-4 {

@@ -85,7 +85,10 @@ proptest! {
             let out = single(&input, t_len, classes, target, opts(blank, CtcPolicy::Error)).unwrap();
             prop_assert!(rel_err(out.losses[0], nll) < 1e-9, "{} vs {}", out.losses[0], nll);
             let (nll64, _) = brute_force(frames, t_len, classes, target, blank);
-            prop_assert!(rel_err(out.losses[0], nll64) < 1e-5, "{} vs {}", out.losses[0], nll64);
+            // Rounding the frames to f32 moves the log-probabilities by an absolute amount, so a
+            // loss near 0 needs an absolute floor.
+            let tol = 1e-5 * nll64.abs().max(1.0);
+            prop_assert!((out.losses[0] - nll64).abs() < tol, "{} vs {}", out.losses[0], nll64);
             for (i, (&g, &b)) in out.grad.iter().zip(&grad).enumerate() {
                 prop_assert!((g as f64 - b).abs() < 1e-6, "grad[{}] = {} vs {}", i, g, b);
             }

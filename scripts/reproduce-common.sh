@@ -1,0 +1,74 @@
+# Shared by scripts/reproduce-fig1.sh and reproduce-fig2.sh (sourced, not run).
+#
+# Parses [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR], picks the binary
+# ($GTOPK, else `cargo run --release`), and maps each workload to its config: the paper's config
+# when its data is under data/ (scripts/get-data.sh), else a synthetic stand-in.
+
+usage() {
+    sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+quick=0
+steps=""
+workloads=""
+delta_every=""
+out=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --steps) steps=$2; shift ;;
+        --workloads) workloads=$2; shift ;;
+        --delta-every) delta_every=$2; shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "error: unknown option $1" >&2; usage >&2; exit 2 ;;
+        *) out=$1 ;;
+    esac
+    shift
+done
+out=${out:-$default_out}
+# --quick: the one workload that trains in about a minute on a laptop CPU.
+if [ -z "$workloads" ]; then
+    if [ "$quick" = 1 ]; then workloads=resnet20; else workloads=resnet20,vgg16,lstm-ptb,lstm-an4; fi
+fi
+delta_every=${delta_every:-$([ "$quick" = 1 ] && echo 4 || echo 50)}
+
+if [ -n "${GTOPK:-}" ]; then
+    gtopk() { "$GTOPK" "$@"; }
+else
+    gtopk() { cargo run --release --quiet -- "$@"; }
+fi
+
+# Sets `config` and `sets` (extra --set arguments) for workload $1.
+pick_config() {
+    sets=()
+    case "$1" in
+        resnet20|vgg16)
+            if [ -f data/cifar-10-batches-bin/data_batch_1.bin ]; then
+                config=configs/$1.toml
+            else
+                config=configs/quickstart.toml
+                # VGG-16's five poolings need CIFAR's 32x32 shape.
+                [ "$1" = vgg16 ] && sets+=(--set model.arch=vgg16 --set data.synthetic_side=32)
+            fi ;;
+        lstm-ptb)
+            if [ -d data/ptb ]; then config=configs/lstm_ptb.toml; else config=configs/lstm_ptb_synthetic.toml; fi ;;
+        lstm-an4)
+            if [ -d data/an4 ]; then config=configs/lstm_an4.toml; else config=configs/lstm_an4_synthetic.toml; fi ;;
+        *) echo "error: --workloads: unknown workload $1 (resnet20, vgg16, lstm-ptb, lstm-an4)" >&2; exit 2 ;;
+    esac
+    [ -n "$steps" ] && sets+=(--set "train.max_steps=$steps")
+    sets+=(--set dist.workers=4 --set "sparse.delta_every=$delta_every")
+}
+
+# train NAME CONFIG ARGS...: one run into $out/NAME (skipped when it already finished).
+train() {
+    local name=$1; shift
+    if [ -f "$out/$name/metrics.jsonl" ] && grep -q '"test_loss"' "$out/$name/metrics.jsonl"; then
+        echo "== $name: done before, kept"
+        return
+    fi
+    rm -rf "${out:?}/$name"
+    echo "== $name: gtopk train $*"
+    gtopk train "$@" --run-dir "$out/$name" --plain > "$out/$name.summary.json"
+    cat "$out/$name.summary.json"
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The paper's Fig. 1: delta (Assumption 1) and training loss of gTop-k S-SGD against dense S-SGD,
+# 4 workers, density 0.001, per workload; then one SVG per workload.
+#
+# Usage: scripts/reproduce-fig1.sh [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
+#   --quick          only resnet20 (synthetic 16x16 unless CIFAR-10 is in data/), delta every 4 steps
+#   --steps N        stop every run after N steps (train.max_steps)
+#   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
+#   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
+#   OUT_DIR          default runs/fig1; finished runs in it are kept, not repeated
+# The binary is $GTOPK if set, else `cargo run --release`. Workloads whose data is not under data/
+# (scripts/get-data.sh) run their synthetic stand-in config.
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+default_out=runs/fig1
+source scripts/reproduce-common.sh
+mkdir -p "$out"
+
+IFS=, read -ra list <<< "$workloads"
+for w in "${list[@]}"; do
+    pick_config "$w"
+    train "$w-dense" "$config" "${sets[@]}" --set sparse.method=dense
+    train "$w-gtopk" "$config" "${sets[@]}" --set sparse.method=gtopk --set sparse.density=0.001
+    gtopk plot "$out/$w-dense" "$out/$w-gtopk" --out "$out/fig1-$w.svg" --metrics loss,delta
+done

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The paper's Fig. 2: gTop-k S-SGD under compression ratios c = d/k in {100, 250, 500, 1000}
+# (density 1/c, fixed for the whole run), 4 workers, per workload; then one SVG per workload with
+# training loss, accuracy and delta.
+#
+# Usage: scripts/reproduce-fig2.sh [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
+#   --quick          only resnet20 (synthetic 16x16 unless CIFAR-10 is in data/), delta every 4 steps
+#   --steps N        stop every run after N steps (train.max_steps)
+#   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
+#   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
+#   OUT_DIR          default runs/fig2; finished runs in it are kept, not repeated
+# The binary is $GTOPK if set, else `cargo run --release`. Set RATIOS="100 1000" to change the sweep.
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+default_out=runs/fig2
+source scripts/reproduce-common.sh
+mkdir -p "$out"
+ratios=${RATIOS:-100 250 500 1000}
+
+IFS=, read -ra list <<< "$workloads"
+for w in "${list[@]}"; do
+    pick_config "$w"
+    dirs=()
+    for c in $ratios; do
+        density=$(awk -v c="$c" 'BEGIN { printf "%.6g", 1 / c }')
+        train "$w-c$c" "$config" "${sets[@]}" --set sparse.method=gtopk --set "sparse.density=$density"
+        dirs+=("$out/$w-c$c")
+    done
+    gtopk plot "${dirs[@]}" --out "$out/fig2-$w.svg" --metrics loss,accuracy,delta
+done
