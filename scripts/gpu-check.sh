@@ -81,6 +81,10 @@ step info 60 "$bin" info
 step kernels 300 "$bin" gpu-check --sizes "$sizes" --merge-ks "$merge_ks" --reps "$reps" --out "$out" --dump "$data"
 step torch-topk 120 python3 scripts/torch_topk.py --data "$data" --gtopk "$out/kernels.json" --out "$out" --reps "$reps"
 rm -rf "$data"/*
+# The same kernels through `gtopk bench` (host-timed, synchronised calls; GB/s beside a copy).
+for op in select merge scatter; do
+    step "bench-$op" 120 "$bin" bench "$op" --device cuda --sizes 270k,15m,66m --densities 0.001 --reps 20
+done
 train_run resnet20 "$steps_r" 240
 train_run vgg16 "$steps_v" 300
 

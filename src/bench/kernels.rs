@@ -1,7 +1,7 @@
 //! `gtopk bench select|merge|scatter`: the local work of a sparse step, per device, through the
 //! shared harness. A device is a `Backend`: it stages a case's inputs where its kernels read them
 //! and hands back the call to time, so a GPU backend can upload once and synchronize inside the
-//! call; only the CPU backend exists today.
+//! call: the CPU backend, and the CUDA one (src/bench/cuda.rs) in a `cuda` build.
 
 use super::harness::{time_calls, KernelRow};
 use crate::rng::Rng;
@@ -53,18 +53,27 @@ impl Op {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
     Cpu,
+    /// Our CUDA kernels on GPU 0 (a `cuda` build).
+    Cuda,
 }
 
 impl Device {
     pub fn name(self) -> &'static str {
         match self {
             Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
         }
     }
 
-    pub fn backend(self) -> Box<dyn Backend> {
+    pub fn backend(self) -> Result<Box<dyn Backend>> {
         match self {
-            Device::Cpu => Box::new(CpuBackend),
+            Device::Cpu => Ok(Box::new(CpuBackend)),
+            #[cfg(feature = "cuda")]
+            Device::Cuda => Ok(Box::new(super::cuda::CudaBackend::new()?)),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda => {
+                anyhow::bail!("--device cuda: this binary was built without the `cuda` feature (scripts/build-cuda.sh)")
+            }
         }
     }
 }
@@ -78,8 +87,8 @@ pub struct Case {
     /// Two top-k sets of independent normal vectors (merge's inputs; `a` is scatter's).
     pub a: SparseSet,
     pub b: SparseSet,
-    /// 1/P, the scale of the scatter.
-    pub scale: f32,
+    /// P: the scatter divides by it, as the update does.
+    pub divisor: f32,
 }
 
 impl Case {
@@ -97,7 +106,7 @@ impl Case {
             values,
             a,
             b,
-            scale: 1.0 / workers as f32,
+            divisor: workers as f32,
         })
     }
 }
@@ -130,7 +139,8 @@ impl Backend for CpuBackend {
             Op::Scatter => {
                 let mut dense = vec![0f32; case.d];
                 Box::new(move || {
-                    scatter_scaled(black_box(&case.a), case.scale, &mut dense);
+                    dense.fill(0.0);
+                    black_box(&case.a).scatter_add_div(&mut dense, case.divisor);
                     // Only the touched entries: a pass over all d would be timed too.
                     Ok(case.a.idx().iter().map(|&i| f64::from(dense[i as usize])).sum())
                 })
@@ -146,14 +156,6 @@ impl Backend for CpuBackend {
             dst.copy_from_slice(black_box(&src));
             Ok(f64::from(black_box(&dst)[half - 1]))
         }))
-    }
-}
-
-/// `dense = 0; dense[i] += v * scale` for every pair of `set`.
-pub fn scatter_scaled(set: &SparseSet, scale: f32, dense: &mut [f32]) {
-    dense.fill(0.0);
-    for (i, v) in set.iter() {
-        dense[i as usize] += v * scale;
     }
 }
 
@@ -209,7 +211,7 @@ pub fn run(b: &KernelBench) -> Result<Vec<KernelRow>> {
     if let Some(d) = b.sizes.iter().find(|&&d| d == 0 || d > u32::MAX as usize) {
         anyhow::bail!("--sizes: {d} is not in 1..=2^32-1");
     }
-    let mut backend = b.device.backend();
+    let mut backend = b.device.backend()?;
     let mut rows = Vec::new();
     for &d in &b.sizes {
         for &density in &b.densities {
@@ -301,12 +303,14 @@ mod tests {
         assert_eq!(Op::Scatter.bytes(1000, 10), 4160);
     }
 
+    #[cfg(not(feature = "cuda"))]
     #[test]
-    fn scatter_zeroes_then_adds_scaled_pairs() {
-        let s = SparseSet::new(vec![1, 3], vec![2.0, -4.0]).unwrap();
-        let mut dense = vec![9.0f32; 5];
-        scatter_scaled(&s, 0.25, &mut dense);
-        assert_eq!(dense, vec![0.0, 0.5, 0.0, -1.0, 0.0]);
+    fn cuda_device_without_the_feature_is_an_error() {
+        let e = Device::Cuda.backend().err().unwrap().to_string();
+        assert!(
+            e.contains("--device cuda") && e.contains("without the `cuda` feature"),
+            "{e}"
+        );
     }
 
     #[test]

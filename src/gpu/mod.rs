@@ -15,5 +15,6 @@ mod set;
 pub use check::{run_check, CheckOptions};
 pub use kernels::{Gpu, COMPUTE_CAP};
 pub use merge::Merger;
-pub use select::{Nonfinite, Selector, Threshold};
+pub use scatter::Count as ScatterCount;
+pub use select::{Nonfinite, Outputs, Pass1, Selector, Threshold};
 pub use set::DeviceSet;
