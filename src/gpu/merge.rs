@@ -113,7 +113,13 @@ impl Merger {
     /// After `merge`: the union's length n, the kept count k and the dropped count n - k
     /// (synchronises the stream). A NaN sum is an error, as in the twin.
     pub fn outcome(&self, gpu: &Gpu) -> Result<Threshold> {
-        self.select.check_nan(gpu, "device merge")
+        let (t, bad) = self.select.threshold(gpu)?;
+        if let Some(p) = bad.nan_at {
+            // p is a position in the union; name the index, as the twin does.
+            let i = gpu.stream.clone_dtoh(&self.union_idx.slice(p..p + 1))?[0];
+            anyhow::bail!("device merge: the sum at index {i} is NaN");
+        }
+        Ok(t)
     }
 
     /// The device word holding the number of dropped pairs, for a scatter that must not wait for

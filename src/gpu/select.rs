@@ -10,6 +10,9 @@ use cudarc::driver::CudaSlice;
 const STATE_WORDS: usize = 18;
 const WS_WORDS: usize = STATE_WORDS + 3 * 2048;
 const NONE: u32 = u32::MAX;
+/// The largest vector the kernels take: their unsigned loop counters and tile arithmetic stay far
+/// from wrapping (`n + TILE - 1`, `i += gridDim.x * blockDim.x`).
+pub const MAX_N: usize = 1 << 31;
 
 /// Where the k-th largest magnitude sits, as `sparse::radix::Threshold`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +85,9 @@ pub struct Selector {
 impl Selector {
     pub fn new(gpu: &Gpu, max_n: usize) -> Result<Self> {
         ensure!(
-            max_n >= 1 && max_n < u32::MAX as usize,
-            "device top-k: {max_n} values do not fit 32-bit indices"
+            (1..=MAX_N).contains(&max_n),
+            "device top-k: {max_n} values; the kernels' 32-bit index arithmetic (tile counts, \
+             grid-stride loops) is exact up to 2^31"
         );
         // The candidate buffer: pass 2 writes the k-th's bin there when it fits (it usually holds
         // a few hundredths of the values or fewer); otherwise later passes re-read the input.
@@ -127,6 +131,20 @@ impl Selector {
             "device top-k: output holds {} of k = {k} pairs",
             out.kept.capacity()
         );
+        if let Pass1::Accumulate { grad, momentum } = &pass1 {
+            ensure!(
+                grad.len() >= n,
+                "device accumulate: gradient of {} for {n} values",
+                grad.len()
+            );
+            if let Some((u, _)) = momentum {
+                ensure!(
+                    u.len() >= n,
+                    "device accumulate: velocity of {} for {n} values",
+                    u.len()
+                );
+            }
+        }
         self.reset(gpu)?;
         launch!(
             gpu,
@@ -179,11 +197,6 @@ impl Selector {
         match pass1 {
             Pass1::Values => launch!(gpu, "gtopk_hist1", per_elem, xp, ws)?,
             Pass1::Accumulate { grad, momentum } => {
-                ensure!(
-                    grad.len() >= n,
-                    "device accumulate: gradient of {} for {n} values",
-                    grad.len()
-                );
                 let (mp, m) = match momentum {
                     Some((u, m)) => (ptr(u, s), m),
                     None => (0, 0.0f32),
