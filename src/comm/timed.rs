@@ -1,5 +1,6 @@
 //! A communicator that counts the seconds spent inside its calls, so an aggregation's time splits
-//! into communication (waiting for the slowest peer included) and the local work around it.
+//! into communication (waiting for the slowest peer included) and the local work around it. Each
+//! call is also an NVTX range (`comm.send`, `comm.all_reduce`, ...) for Nsight Systems.
 
 use super::{Communicator, Traffic};
 use anyhow::Result;
@@ -16,7 +17,8 @@ impl<'a> Timed<'a> {
         Self { inner, seconds: 0.0 }
     }
 
-    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn Communicator) -> T) -> T {
+    fn timed<T>(&mut self, name: &'static str, f: impl FnOnce(&mut dyn Communicator) -> T) -> T {
+        let _r = crate::profile::range(name);
         let t = Instant::now();
         let out = f(&mut *self.inner);
         self.seconds += t.elapsed().as_secs_f64();
@@ -35,11 +37,11 @@ impl Communicator for Timed<'_> {
     }
 
     fn send(&mut self, to: usize, msg: &[u8]) -> Result<()> {
-        self.timed(|c| c.send(to, msg))
+        self.timed("comm.send", |c| c.send(to, msg))
     }
 
     fn recv(&mut self, from: usize) -> Result<Vec<u8>> {
-        self.timed(|c| c.recv(from))
+        self.timed("comm.recv", |c| c.recv(from))
     }
 
     fn traffic(&self) -> Traffic {
@@ -47,15 +49,15 @@ impl Communicator for Timed<'_> {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
-        self.timed(|c| c.all_reduce_sum(buf))
+        self.timed("comm.all_reduce", |c| c.all_reduce_sum(buf))
     }
 
     fn all_gather(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.timed(|c| c.all_gather(msg))
+        self.timed("comm.all_gather", |c| c.all_gather(msg))
     }
 
     fn broadcast(&mut self, root: usize, msg: &mut Vec<u8>) -> Result<()> {
-        self.timed(|c| c.broadcast(root, msg))
+        self.timed("comm.broadcast", |c| c.broadcast(root, msg))
     }
 }
 

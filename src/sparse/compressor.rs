@@ -172,9 +172,15 @@ impl Compressor {
         Ok(())
     }
 
+    /// This worker's k largest entries of its accumulator (an NVTX range for the profiler).
+    fn select(&self, ks: &[usize]) -> Result<SparseSet> {
+        let _r = crate::profile::range("sparse.select");
+        self.layout.select(&self.acc, ks)
+    }
+
     fn topk(&mut self, comm: &mut dyn Communicator, ks: &[usize], sum: &mut [f32]) -> Result<Applied> {
         let wire = self.cfg.wire;
-        let sel = self.layout.select(&self.acc, ks)?;
+        let sel = self.select(ks)?;
         let pieces = comm.all_gather(&wire.encode(&sel))?;
         sum.fill(0.0);
         for (r, piece) in pieces.iter().enumerate() {
@@ -193,7 +199,7 @@ impl Compressor {
     }
 
     fn gtopk(&mut self, comm: &mut dyn Communicator, ks: &[usize], sum: &mut [f32]) -> Result<Applied> {
-        let sel = self.layout.select(&self.acc, ks)?;
+        let sel = self.select(ks)?;
         let red = gtopk_reduce(comm, self.cfg.gtopk, sel.clone(), &self.layout, ks, self.cfg.wire)?;
         sum.fill(0.0);
         red.global.scatter_add(sum);
