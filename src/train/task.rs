@@ -298,7 +298,9 @@ impl SpeechTask {
     fn run(model: &Model, set: &An4Set, idx: &[usize], train: bool) -> Result<(Tensor, Vec<usize>, an4::AudioBatch)> {
         let b = set.batch(idx);
         let x = Tensor::from_vec(b.features.clone(), (idx.len(), 1, b.bins, b.max_frames), model.device())?;
-        let lp = Self::net(model)?.forward(&x, train)?;
+        // The CTC loss is a CPU op: on a GPU the log-probabilities come to the host (the copy is
+        // differentiable, so the gradient goes back to the device).
+        let lp = Self::net(model)?.forward(&x, train)?.to_device(&Device::Cpu)?;
         let lengths = b.input_frames.iter().map(|&f| output_frames(f)).collect();
         Ok((lp, lengths, b))
     }
