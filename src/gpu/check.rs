@@ -178,9 +178,9 @@ fn check_select(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) 
 
         // Twin: accumulate, top-k of the accumulator, kept entries zeroed.
         let m = (j % 2 == 1).then_some(0.9f32);
-        let mut acc = values.clone();
+        let mut acc = vec![0.0; n];
         let mut u = velocity.clone();
-        accumulate(&grad, &mut acc, m.map(|m| (&mut u[..], m)));
+        accumulate(&grad, Some(&values), &mut acc, m.map(|m| (&mut u[..], m)));
         let want = top_k(&acc, k)?;
         for &i in want.idx() {
             acc[i as usize] = 0.0;

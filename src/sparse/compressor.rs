@@ -159,13 +159,15 @@ impl Compressor {
     /// acc = residual + grad, or with momentum correction u = m u + grad, acc = residual + u.
     /// Checked for NaN (inf - inf) before any state changes, so a failed step leaves none.
     fn accumulate(&mut self, grad: &[f32]) -> Result<()> {
-        if self.residual.is_empty() {
-            self.acc.fill(0.0);
-        } else {
-            self.acc.copy_from_slice(&self.residual);
-        }
+        // Dense keeps no residual.
+        let residual = (!self.residual.is_empty()).then_some(&self.residual[..]);
         let m = self.cfg.momentum_correction.unwrap_or(0.0);
-        accumulate(grad, &mut self.acc, self.momentum.as_deref_mut().map(|u| (u, m)));
+        accumulate(
+            grad,
+            residual,
+            &mut self.acc,
+            self.momentum.as_deref_mut().map(|u| (u, m)),
+        );
         if let Some(p) = self.acc.iter().position(|v| v.is_nan()) {
             bail!("compressor: accumulator at index {p} is NaN (residual and gradient are opposite infinities)");
         }

@@ -261,14 +261,7 @@ impl Worker {
         if bad.is_empty() {
             return Ok(true);
         }
-        match self.cfg.train.on_nonfinite {
-            OnNonfinite::Error => bail!(
-                "step {}: non-finite loss or gradient on rank(s) {bad:?}; the update was not applied \
-                 (train.on_nonfinite = \"skip-step\" skips such steps instead)",
-                self.pos.step + 1
-            ),
-            OnNonfinite::SkipStep => Ok(false),
-        }
+        self.nonfinite(&format!("non-finite loss or gradient on rank(s) {bad:?}"))
     }
 
     /// Finite gradients can still sum to infinity. The aggregated update is bit-identical on every
@@ -278,10 +271,16 @@ impl Worker {
         if self.update.iter().all(|u| u.is_finite()) {
             return Ok(true);
         }
+        self.nonfinite("the aggregated update is not finite (finite gradients overflowed when summed)")
+    }
+
+    /// `train.on_nonfinite` decides what a non-finite step is: an error naming the cause, or a
+    /// skipped step (false).
+    fn nonfinite(&self, cause: &str) -> Result<bool> {
         match self.cfg.train.on_nonfinite {
             OnNonfinite::Error => bail!(
-                "step {}: the aggregated update is not finite (finite gradients overflowed when summed); \
-                 it was not applied",
+                "step {}: {cause}; the update was not applied \
+                 (train.on_nonfinite = \"skip-step\" skips such steps instead)",
                 self.pos.step + 1
             ),
             OnNonfinite::SkipStep => Ok(false),
