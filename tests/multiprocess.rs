@@ -12,6 +12,20 @@ fn spawn(cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&
     spawn_as("--run-dir", cfg, run, rank, world, port, sets)
 }
 
+/// Three ranks of one job on a fresh port.
+fn spawn_three(how: &str, cfg: &Path, run: &Path, sets: &[&str]) -> Vec<Rank> {
+    let port = free_port();
+    (0..3).map(|r| spawn_as(how, cfg, run, r, 3, port, sets)).collect()
+}
+
+/// A job that runs until stopped, with a checkpoint every 2 steps; tests add logging and timeout.
+const ENDLESS: [&str; 4] = [
+    "dist.workers=3",
+    "train.batch_size=18",
+    "train.epochs=1000",
+    "train.checkpoint_every=2",
+];
+
 /// `how` is `--run-dir` for a new run or `--resume` to continue one.
 fn spawn_as(how: &str, cfg: &Path, run: &Path, rank: usize, world: usize, port: u16, sets: &[&str]) -> Rank {
     let mut cmd = common::train_command(cfg, how, run, sets);
@@ -52,16 +66,8 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let run = dir.path().join("run");
-    let sets = [
-        "dist.workers=3",
-        "train.batch_size=18",
-        "train.epochs=1000",
-        "train.checkpoint_every=2",
-        "train.log_every=1",
-        "dist.timeout=4",
-    ];
-    let port = free_port();
-    let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let sets = [&ENDLESS[..], &["train.log_every=1", "dist.timeout=4"]].concat();
+    let mut ranks = spawn_three("--run-dir", &cfg, &run, &sets);
     wait_until_running(&run, 5);
     let victim = ranks.pop().unwrap();
     drop(victim); // SIGKILL
@@ -85,10 +91,7 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     let stop = format!("train.max_steps={}", step + 2);
     let mut again = sets.to_vec();
     again.push(&stop);
-    let port = free_port();
-    let ranks = (0..3)
-        .map(|r| spawn_as("--resume", &cfg, &run, r, 3, port, &again))
-        .collect();
+    let ranks = spawn_three("--resume", &cfg, &run, &again);
     for (r, (code, err)) in finish(ranks, Duration::from_secs(60)).into_iter().enumerate() {
         assert_eq!(code, 0, "rank {r} could not resume: {err}");
     }
@@ -188,16 +191,8 @@ fn a_stalled_rank_ends_the_job_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let run = dir.path().join("run");
-    let sets = [
-        "dist.workers=3",
-        "train.batch_size=18",
-        "train.epochs=1000",
-        "train.checkpoint_every=2",
-        "train.log_every=50",
-        "dist.timeout=3",
-    ];
-    let port = free_port();
-    let mut ranks: Vec<Rank> = (0..3).map(|r| spawn(&cfg, &run, r, 3, port, &sets)).collect();
+    let sets = [&ENDLESS[..], &["train.log_every=50", "dist.timeout=3"]].concat();
+    let mut ranks = spawn_three("--run-dir", &cfg, &run, &sets);
     let pids: Vec<u32> = ranks.iter().map(|r| r.0.id()).collect();
     wait_until_running(&run, 3);
     let stalled = ranks.pop().unwrap();
