@@ -105,10 +105,6 @@ impl Selector {
         })
     }
 
-    pub fn max_n(&self) -> usize {
-        self.max_n
-    }
-
     /// The k largest magnitudes of `x[..n]` into `out[..k]`, sorted by index, ties to the smaller
     /// index; `1 <= k <= n <= max_n`. Queued on the stream; `state` reads the outcome.
     pub fn select(
