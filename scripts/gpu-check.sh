@@ -4,8 +4,9 @@
 #   1. records the machine (nvidia-smi, gtopk info);
 #   2. checks every kernel against its CPU twin and times it (gtopk gpu-check);
 #   3. times torch.topk on the same vectors (scripts/torch_topk.py);
-#   4. trains ResNet-20 and VGG-16 on the synthetic set, 4 workers on one GPU with gTop-k, and the
-#      same model, batch and workers in PyTorch eager (scripts/torch_step.py), summarised by
+#   4. trains ResNet-20 and VGG-16 on the synthetic set, 4 workers on one GPU with gTop-k on the
+#      device engine, ResNet-20 once more on the host engine (the reference), and the same model,
+#      batch and workers in PyTorch eager (scripts/torch_step.py), summarised by
 #      scripts/summarize_run.py (loss going down, samples/s, the step split);
 # and writes everything into RESULTS_DIR. Exits non-zero when any step failed.
 #
@@ -62,12 +63,20 @@ else
 fi
 
 # ResNet-20 / VGG-16 with their paper batch sizes (128 / 512 in total), 4 workers on GPU 0, gTop-k.
+# A run name, and --set arguments after the time limit, make a variant (the host engine).
+train_once() {
+    local model="$1" name="$2" steps="$3" limit="$4"
+    shift 4
+    step "train-$name" "$limit" "$bin" train "configs/$model.toml" --plain --run-dir "$out/runs/$name" \
+        --set 'device="cuda"' --set 'dist.backend="local"' --set 'data.source="synthetic"' \
+        --set data.synthetic_train=20000 --set data.synthetic_test=1000 --set train.max_steps="$steps" \
+        --set train.warmup_epochs=0 --set train.checkpoint_every=0 --set train.log_every=10 \
+        --set sparse.delta_every=0 "$@"
+}
+
 train_run() {
     local model="$1" steps="$2" limit="$3"
-    step "train-$model" "$limit" "$bin" train "configs/$model.toml" --plain --run-dir "$out/runs/$model" \
-        --set 'device="cuda"' --set 'data.source="synthetic"' --set data.synthetic_train=20000 \
-        --set data.synthetic_test=1000 --set train.max_steps="$steps" --set train.warmup_epochs=0 \
-        --set train.checkpoint_every=0 --set train.log_every=10 --set sparse.delta_every=0
+    train_once "$model" "$model" "$steps" "$limit"
     local batch
     batch=$(sed -n 's/^batch_size = //p' "configs/$model.toml")
     step "torch-$model" 180 python3 scripts/torch_step.py --model "$model" --batch "$batch" --workers 4 \
@@ -86,6 +95,8 @@ for op in select merge scatter; do
     step "bench-$op" 120 "$bin" bench "$op" --device cuda --sizes 270k,15m,66m --densities 0.001 --reps 20
 done
 train_run resnet20 "$steps_r" 240
+train_once resnet20 resnet20-host "$steps_r" 240 --set debug.host_engine=true
+step summary-resnet20-host 30 python3 scripts/summarize_run.py "$out/runs/resnet20-host" --out "$out/training.md"
 train_run vgg16 "$steps_v" 300
 
 if [[ ${#failed[@]} -gt 0 ]]; then

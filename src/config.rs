@@ -431,6 +431,10 @@ pub struct DebugConfig {
     /// Assert sum_p acc_p == global + sum_p residual_p every step (extra all-reduces).
     #[serde(default)]
     pub check_conservation: bool,
+    /// Aggregate and step on the host even when the model is on a GPU (the reference the device
+    /// engine is compared against).
+    #[serde(default)]
+    pub host_engine: bool,
 }
 
 impl Config {

@@ -52,6 +52,20 @@ pub trait Communicator: Send {
         collectives::ring_all_reduce(self, buf)
     }
 
+    /// `all_reduce_sum` of a buffer in device memory. This default goes through the host (one
+    /// copy each way); a backend that reads device memory itself (NCCL) overrides it.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaSlice<f32>,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let mut host = stream.clone_dtoh(&*buf)?;
+        self.all_reduce_sum(&mut host)?;
+        stream.memcpy_htod(&host, buf)?;
+        Ok(())
+    }
+
     /// Every rank's message, indexed by rank (ring: (P-1) messages forwarded per rank).
     fn all_gather(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
         collectives::ring_all_gather(self, msg)

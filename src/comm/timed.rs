@@ -52,6 +52,15 @@ impl Communicator for Timed<'_> {
         self.timed("comm.all_reduce", |c| c.all_reduce_sum(buf))
     }
 
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaSlice<f32>,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.all_reduce", |c| c.all_reduce_sum_device(buf, stream))
+    }
+
     fn all_gather(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.timed("comm.all_gather", |c| c.all_gather(msg))
     }

@@ -149,6 +149,13 @@ impl Model {
 
     /// On a GPU: one concatenation on the device and one copy to the host, not one per tensor.
     fn flat_grad_one_copy(&self, grads: &GradStore, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.flat_grad_tensor(grads)?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// The flat gradient as one f32 tensor on the model's device, in layout order (zeros where a
+    /// parameter got no gradient).
+    pub fn flat_grad_tensor(&self, grads: &GradStore) -> Result<Tensor> {
         let parts = self
             .params
             .iter()
@@ -157,8 +164,33 @@ impl Model {
                 None => Tensor::zeros(v.elem_count(), DType::F32, v.device()),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let flat = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
-        out.copy_from_slice(&flat);
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// The parameters as one flat tensor on the model's device (a copy).
+    pub fn flat_params_tensor(&self) -> Result<Tensor> {
+        let parts = self
+            .params
+            .iter()
+            .map(|(_, v)| v.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Writes a flat tensor (on the model's device) into the parameters, device to device.
+    pub fn set_flat_params_tensor(&self, flat: &Tensor) -> Result<()> {
+        anyhow::ensure!(
+            flat.dims() == [self.num_params()],
+            "flat parameter tensor of shape {:?} for {} parameters",
+            flat.dims(),
+            self.num_params()
+        );
+        let mut off = 0;
+        for (_, v) in &self.params {
+            let n = v.elem_count();
+            v.set(&flat.narrow(0, off, n)?.reshape(v.shape())?)?;
+            off += n;
+        }
         Ok(())
     }
 
@@ -406,5 +438,30 @@ mod tests {
         assert!(e.contains("'fc.weight' is not a parameter of resnet20"), "{e}");
         std::fs::write(&p, b"garbage").unwrap();
         assert!(format!("{:#}", b.load(&p).unwrap_err()).contains("cannot read safetensors"));
+    }
+
+    /// The device engine's flat tensors agree with the host vectors, gradient included (a
+    /// parameter without a gradient reads as zeros in both).
+    #[test]
+    fn flat_tensors_match_the_host_vectors() {
+        let m = Model::new(Arch::Resnet20, 3, &Device::Cpu).unwrap();
+        // Only the classifier takes part: every other parameter has no gradient.
+        let (_, w) = m.params().iter().find(|(n, _)| n == "classifier.weight").unwrap();
+        let loss = w.as_tensor().sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let mut host = vec![f32::NAN; m.num_params()];
+        m.flat_grad(&grads, &mut host).unwrap();
+        assert_eq!(m.flat_grad_tensor(&grads).unwrap().to_vec1::<f32>().unwrap(), host);
+        assert!(host.iter().any(|&g| g != 0.0) && host.iter().filter(|&&g| g == 0.0).count() > 260_000);
+
+        let p = m.flat_params().unwrap();
+        assert_eq!(m.flat_params_tensor().unwrap().to_vec1::<f32>().unwrap(), p);
+        let shifted: Vec<f32> = p.iter().map(|v| v + 1.0).collect();
+        m.set_flat_params_tensor(&Tensor::from_slice(&shifted, p.len(), &Device::Cpu).unwrap())
+            .unwrap();
+        assert_eq!(m.flat_params().unwrap(), shifted);
+        assert!(m
+            .set_flat_params_tensor(&Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap())
+            .is_err());
     }
 }

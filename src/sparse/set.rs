@@ -93,6 +93,32 @@ impl SparseSet {
         self.val.extend_from_slice(val);
     }
 
+    /// The union of `sets`, each index's value the sum of its values in list order starting from
+    /// +0.0: exactly what scattering the sets one after another into a zeroed dense vector leaves
+    /// at the touched indices, in O(total pairs) memory instead of O(d). Zero sums are kept, so the
+    /// result says which indices were touched.
+    pub fn sum_in_order(sets: &[SparseSet]) -> SparseSet {
+        Self::sum_pairs(sets.iter().flat_map(|s| s.iter()))
+    }
+
+    /// Pairs whose indices may repeat, as one set: each index's values summed in the order given,
+    /// from +0.0 (as `dense[i] += v` one pair after another into zeros).
+    pub fn sum_pairs(pairs: impl IntoIterator<Item = (u32, f32)>) -> SparseSet {
+        let mut pairs: Vec<(u32, f32)> = pairs.into_iter().collect();
+        // Stable: each index's values keep their order.
+        pairs.sort_by_key(|&(i, _)| i);
+        let mut out = SparseSet::empty();
+        for (i, v) in pairs {
+            if out.idx.last() == Some(&i) {
+                *out.val.last_mut().expect("a value per index") += v;
+            } else {
+                out.idx.push(i);
+                out.val.push(0.0 + v);
+            }
+        }
+        out
+    }
+
     /// `dense[i] += v` for every pair. Callers rely on the index order for a fixed summation order.
     pub fn scatter_add(&self, dense: &mut [f32]) {
         for (i, v) in self.iter() {
@@ -112,6 +138,33 @@ impl SparseSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn set_strategy(d: u32) -> impl Strategy<Value = SparseSet> {
+        proptest::collection::btree_map(0..d, -4i8..4, 0..12).prop_map(|m| {
+            let (idx, val): (Vec<u32>, Vec<f32>) = m.into_iter().map(|(i, v)| (i, v as f32 * 0.37)).unzip();
+            SparseSet::new(idx, val).unwrap()
+        })
+    }
+
+    proptest! {
+        /// Against the dense reference: scatter every set into zeros, in order.
+        #[test]
+        fn sum_in_order_equals_scattering_in_order(sets in proptest::collection::vec(set_strategy(24), 0..5)) {
+            let sum = SparseSet::sum_in_order(&sets);
+            let mut dense = vec![0.0f32; 24];
+            let mut touched = [false; 24];
+            for s in &sets {
+                s.scatter_add(&mut dense);
+                s.idx().iter().for_each(|&i| touched[i as usize] = true);
+            }
+            let want: Vec<u32> = (0..24).filter(|&i| touched[i as usize]).collect();
+            prop_assert_eq!(sum.idx(), &want[..]);
+            for (i, v) in sum.iter() {
+                prop_assert_eq!(v.to_bits(), dense[i as usize].to_bits(), "index {}", i);
+            }
+        }
+    }
 
     #[test]
     fn new_rejects_unsorted_duplicate_and_ragged() {

@@ -3,11 +3,15 @@
 
 pub mod checkpoint;
 mod device;
+pub mod device_engine;
+mod engine;
+mod host_engine;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
 mod stats;
 pub mod task;
+pub mod tensor_sgd;
 mod worker;
 
 pub use task::Dataset;

@@ -1,8 +1,8 @@
 //! One worker of a data-parallel job: its model replica, data shard, compressor state, and the loop.
 
 use super::checkpoint;
+use super::engine::{Engine, EngineState};
 use super::metrics::MetricsWriter;
-use super::optim::Sgd;
 use super::schedule::LrSchedule;
 use super::stats::{gather_f64, Window};
 use super::task::{Dataset, Stats, Task};
@@ -12,7 +12,7 @@ use crate::data::sampler::Sampler;
 use crate::models::Model;
 use crate::profile;
 use crate::rng::Rng;
-use crate::sparse::{Compressor, CompressorConfig, CompressorState, ResidualPolicy, StepOptions, StepReport};
+use crate::sparse::{ResidualPolicy, StepOptions, StepReport};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -61,11 +61,7 @@ pub struct Worker {
     task: Box<dyn Task>,
     sampler: Sampler,
     sched: LrSchedule,
-    compressor: Compressor,
-    sgd: Sgd,
-    params: Vec<f32>,
-    grad: Vec<f32>,
-    update: Vec<f32>,
+    engine: Box<dyn Engine>,
     metrics: Option<MetricsWriter>,
     progress: Option<ProgressBar>,
     pos: Position,
@@ -90,24 +86,8 @@ impl Worker {
         if let Some(path) = &cfg.model.init_from {
             model.load(path.as_ref()).context("model.init_from")?;
         }
-        let d = model.num_params();
         let t = &cfg.train;
-        let dgc = cfg.sparse.momentum_correction.then_some(t.momentum as f32);
-        let compressor = Compressor::new(
-            CompressorConfig {
-                method: cfg.sparse.method,
-                scope: cfg.sparse.scope,
-                gtopk: cfg.sparse.gtopk,
-                residual_policy: cfg.sparse.residual_policy,
-                wire: cfg.sparse.wire,
-                momentum_correction: dgc,
-                seed: cfg.seed,
-            },
-            &model.param_sizes(),
-        )?;
-        // Under DGC momentum correction the momentum lives in the compressor, before selection.
-        let momentum = if dgc.is_some() { 0.0 } else { t.momentum as f32 };
-        let sgd = Sgd::new(momentum, t.dampening as f32, t.nesterov, t.weight_decay as f32);
+        let engine = super::engine::make(cfg, &model, rank)?;
         let sampler = Sampler::new(cfg.seed, task.train_len(), t.batch_size, cfg.dist.workers);
         let metrics = if rank == 0 {
             Some(MetricsWriter::open(&run_dir)?)
@@ -115,9 +95,6 @@ impl Worker {
             None
         };
         Ok(Self {
-            params: model.flat_params()?,
-            grad: vec![0.0; d],
-            update: vec![0.0; d],
             sched: LrSchedule::new(t, cfg.dist.workers),
             cfg: cfg.clone(),
             run_dir,
@@ -125,8 +102,7 @@ impl Worker {
             model,
             task,
             sampler,
-            compressor,
-            sgd,
+            engine,
             metrics,
             progress: None,
             pos: Position::default(),
@@ -170,9 +146,9 @@ impl Worker {
                 let lr = self.sched.at(epoch, s, steps);
                 let density = self.cfg.sparse.density.at_epoch(epoch);
                 let t0 = Instant::now();
-                let (loss, stats) = self.forward_backward(&order, epoch, s)?;
+                let (loss, grad_finite, stats) = self.forward_backward(&order, epoch, s)?;
                 let t1 = Instant::now();
-                let report = if self.all_finite(loss)? {
+                let report = if self.all_finite(loss.is_finite() && grad_finite)? {
                     let report = self.aggregate(density)?;
                     self.update_finite()?.then_some(report)
                 } else {
@@ -234,8 +210,9 @@ impl Worker {
         }
     }
 
-    /// This worker's batch through the task; the gradient lands in `self.grad`.
-    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, Stats)> {
+    /// This worker's batch through the task; the gradient goes to the engine.
+    /// Also says whether the gradient is finite.
+    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats)> {
         let idx = self.sampler.batch(order, s, self.rank());
         // Augmentation and dropout draw from a stream that is a function of (seed, step, rank):
         // resuming needs no RNG state.
@@ -247,15 +224,15 @@ impl Worker {
         };
         let _bwd = profile::range("bwd");
         let grads = loss.backward()?;
-        self.model.flat_grad(&grads, &mut self.grad)?;
-        crate::fault::bad_grad(self.rank(), self.pos.step + 1, &mut self.grad);
-        Ok((loss.to_scalar::<f32>()?, stats))
+        let finite = self
+            .engine
+            .load_grad(&self.model, &grads, self.rank(), self.pos.step + 1)?;
+        Ok((loss.to_scalar::<f32>()?, finite, stats))
     }
 
     /// Every worker learns whether any worker saw a non-finite loss or gradient; the update is
     /// never applied with one. Returns false when the step is to be skipped.
-    fn all_finite(&mut self, loss: f32) -> Result<bool> {
-        let ok = loss.is_finite() && self.grad.iter().all(|g| g.is_finite());
+    fn all_finite(&mut self, ok: bool) -> Result<bool> {
         let flags = self.comm.all_gather(&[ok as u8])?;
         let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != [1]).collect();
         if bad.is_empty() {
@@ -268,7 +245,7 @@ impl Worker {
     /// worker, so each decides alone and all decide alike. Returns false when the step is skipped
     /// (the residuals keep what this step moved out of them: that mass is lost).
     fn update_finite(&self) -> Result<bool> {
-        if self.update.iter().all(|u| u.is_finite()) {
+        if self.engine.update_finite()? {
             return Ok(true);
         }
         self.nonfinite("the aggregated update is not finite (finite gradients overflowed when summed)")
@@ -295,9 +272,7 @@ impl Worker {
         };
         let t0 = Instant::now();
         let _r = profile::range("aggregate");
-        let report = self
-            .compressor
-            .step(self.comm.as_mut(), &self.grad, density, opts, &mut self.update)?;
+        let report = self.engine.aggregate(self.comm.as_mut(), density, opts)?;
         let traffic = report.traffic;
         self.window
             .add_aggregation(t0.elapsed().as_secs_f64(), report.comm_s, traffic);
@@ -318,16 +293,7 @@ impl Worker {
     fn apply_update(&mut self, lr: f32) -> Result<()> {
         let t0 = Instant::now();
         let _r = profile::range("opt.step");
-        let clip = self.cfg.train.clip_norm as f32;
-        if clip > 0.0 {
-            let norm = self.update.iter().map(|u| u * u).sum::<f32>().sqrt();
-            if norm > clip {
-                let scale = clip / (norm + 1e-6);
-                self.update.iter_mut().for_each(|u| *u *= scale);
-            }
-        }
-        self.sgd.step(&mut self.params, &self.update, lr);
-        self.model.set_flat_params(&self.params)?;
+        self.engine.apply(&self.model, lr, self.cfg.train.clip_norm as f32)?;
         self.window.add_optimizer(t0.elapsed().as_secs_f64());
         Ok(())
     }
@@ -471,9 +437,9 @@ impl Worker {
             std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
         }
         self.barrier()?;
-        let state = self.compressor.state();
+        let state = self.engine.state()?;
         let mut vectors: Vec<(&str, &[f32])> = vec![("residual", &state.residual)];
-        if let Some(m) = &state.momentum {
+        if let Some(m) = &state.dgc_momentum {
             vectors.push(("dgc_momentum", m));
         }
         let task_state = self.task.state()?;
@@ -489,12 +455,12 @@ impl Worker {
             let model = tmp.join(checkpoint::MODEL);
             self.model.save(&model)?;
             std::fs::File::open(&model)?.sync_all()?;
-            let momentum = self.sgd.buf.clone().unwrap_or_default();
-            checkpoint::write_vectors(&tmp.join("optimizer.safetensors"), &[("momentum", &momentum)])?;
+            let momentum = state.sgd_momentum.as_deref().unwrap_or_default();
+            checkpoint::write_vectors(&tmp.join("optimizer.safetensors"), &[("momentum", momentum)])?;
             let meta = json!({
                 "position": self.pos,
-                "momentum_started": self.sgd.buf.is_some(),
-                "compressor_step": self.compressor.steps(),
+                "momentum_started": state.sgd_momentum.is_some(),
+                "compressor_step": state.compressor_step,
                 "arch": self.cfg.model.arch,
                 "workers": self.cfg.dist.workers,
                 "fingerprint": self.cfg.fingerprint(),
@@ -521,32 +487,20 @@ impl Worker {
         self.pos = serde_json::from_value(meta["position"].clone())
             .with_context(|| format!("{}: trainer.json has no valid position", dir.display()))?;
         self.model.load(&dir.join(checkpoint::MODEL))?;
-        self.params = self.model.flat_params()?;
         let opt = checkpoint::read_vectors(&dir.join("optimizer.safetensors"))?;
-        self.sgd.buf = if meta["momentum_started"].as_bool() == Some(true) {
-            let m = opt.get("momentum").cloned().unwrap_or_default();
-            if m.len() != self.params.len() {
-                bail!(
-                    "{}: momentum buffer has {} values for {} parameters",
-                    dir.display(),
-                    m.len(),
-                    self.params.len()
-                );
-            }
-            Some(m)
-        } else {
-            None
-        };
+        let sgd_momentum = (meta["momentum_started"].as_bool() == Some(true))
+            .then(|| opt.get("momentum").cloned().unwrap_or_default());
         let file = dir.join(format!("rank-{}.safetensors", self.rank()));
         let mut mine = checkpoint::read_vectors(&file)?;
-        let state = CompressorState {
+        let state = EngineState {
             residual: mine.remove("residual").unwrap_or_default(),
-            momentum: mine.remove("dgc_momentum"),
-            step: meta["compressor_step"].as_u64().unwrap_or(self.pos.step),
+            dgc_momentum: mine.remove("dgc_momentum"),
+            sgd_momentum,
+            compressor_step: meta["compressor_step"].as_u64().unwrap_or(self.pos.step),
         };
-        self.compressor
-            .load_state(state)
-            .with_context(|| format!("{}", file.display()))?;
+        self.engine
+            .load_state(&self.model, state)
+            .with_context(|| format!("{} (and {})", dir.display(), file.display()))?;
         self.task
             .load_state(&mut mine)
             .with_context(|| format!("{}", file.display()))?;

@@ -1,0 +1,244 @@
+//! The device engine over the kernels' CPU twins, held to the host engine step by step: same
+//! gradients, same communicator, the models' parameters and the residuals compared after every
+//! step. The CUDA kernels are held to the same twins by `gtopk gpu-check`.
+
+use super::*;
+use crate::comm::local::LocalComm;
+use crate::sparse::{accumulate, top_k};
+use crate::train::host_engine::HostEngine;
+use candle_core::{Device, Tensor};
+use std::time::Duration;
+
+/// The specification of `cuda::CudaKernels`.
+struct CpuKernels;
+
+impl Kernels for CpuKernels {
+    type Buf = Vec<f32>;
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn accumulate_select(&mut self, residual: &mut Vec<f32>, grad: &Tensor, k: usize) -> Result<SparseSet> {
+        let g = grad.to_vec1::<f32>()?;
+        let mut acc = vec![0.0; g.len()];
+        accumulate(&g, Some(residual), &mut acc, None);
+        let sel = top_k(&acc, k)?;
+        for &i in sel.idx() {
+            acc[i as usize] = 0.0;
+        }
+        *residual = acc;
+        Ok(sel)
+    }
+
+    fn scatter(&mut self, pairs: &SparseSet, divisor: f32, dense: &mut Vec<f32>) -> Result<()> {
+        pairs.scatter_add_div(dense, divisor);
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, comm: &mut dyn Communicator, grad: &Tensor) -> Result<Vec<f32>> {
+        let mut g = grad.to_vec1::<f32>()?;
+        comm.all_reduce_sum(&mut g)?;
+        Ok(g)
+    }
+
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+
+    fn upload(&self, host: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+
+    fn tensor_of(&self, buf: Vec<f32>) -> Result<Tensor> {
+        let n = buf.len();
+        Ok(Tensor::from_vec(buf, n, &Device::Cpu)?)
+    }
+}
+
+fn config(sets: &[&str]) -> Config {
+    let base = r#"
+        name = "engine"
+        seed = 5
+        [model]
+        arch = "lstm-ptb"
+        hidden = 6
+        layers = 1
+        dropout = 0.0
+        [data]
+        source = "synthetic-text"
+        [train]
+        epochs = 1
+        batch_size = 6
+        lr = 0.5
+        momentum = 0.9
+        weight_decay = 1e-3
+        [dist]
+        workers = 3
+    "#;
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    Config::parse(base, &sets).unwrap()
+}
+
+/// A gradient for every parameter but the first (which reads as zeros), a function of the rank
+/// and the step, with a few exact ties.
+fn grads(model: &Model, rank: usize, step: u64) -> GradStore {
+    let mut rng = Rng::derive(11, "engine-grads", step * 16 + rank as u64);
+    let mut g = GradStore::default();
+    for (_, v) in model.params().iter().skip(1) {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|i| if i % 7 == 3 { 0.25 } else { rng.normal() })
+            .collect();
+        g.insert(v.as_tensor(), Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap());
+    }
+    g
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Five steps on three ranks through both engines; `exact` asks for identical bits.
+fn agree(sets: &[&str], exact: bool) {
+    let cfg = config(sets);
+    let comms = LocalComm::group(3, Duration::from_secs(20));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|mut comm| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let rank = comm.rank();
+                let build = || Model::build(&cfg.model, 20, cfg.seed, &Device::Cpu).unwrap();
+                let (mh, md) = (build(), build());
+                let mut host = HostEngine::new(&cfg, &mh).unwrap();
+                let mut dev = DeviceEngine::new(&cfg, &md, CpuKernels).unwrap();
+                for step in 1..=5u64 {
+                    let (gh, gd) = (grads(&mh, rank, step), grads(&md, rank, step));
+                    assert!(host.load_grad(&mh, &gh, rank, step).unwrap());
+                    assert!(dev.load_grad(&md, &gd, rank, step).unwrap());
+                    let opts = StepOptions {
+                        measure_delta: step == 3,
+                        check_conservation: false,
+                    };
+                    let density = if step == 1 { 0.3 } else { 0.05 };
+                    let rh = host.aggregate(&mut comm, density, opts).unwrap();
+                    let rd = dev.aggregate(&mut comm, density, opts).unwrap();
+                    assert_eq!((rh.k, rh.traffic), (rd.k, rd.traffic), "step {step}");
+                    if let (Some(a), Some(b)) = (rh.delta, rd.delta) {
+                        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "delta {a} vs {b}");
+                    }
+                    assert_eq!(rh.delta.is_some(), rd.delta.is_some());
+                    assert!(host.update_finite().unwrap() && dev.update_finite().unwrap());
+                    // The clipping norm is a sum in another order: from then on only close.
+                    let clip = if step == 5 { 0.01 } else { 0.0 };
+                    host.apply(&mh, 0.5, clip).unwrap();
+                    dev.apply(&md, 0.5, clip).unwrap();
+                    let (ph, pd) = (mh.flat_params().unwrap(), md.flat_params().unwrap());
+                    let (sh, sd) = (host.state().unwrap(), dev.state().unwrap());
+                    if exact && clip == 0.0 {
+                        assert!(
+                            ph == pd,
+                            "rank {rank} step {step}: parameters differ by {}",
+                            max_diff(&ph, &pd)
+                        );
+                        assert!(sh == sd, "rank {rank} step {step}: states differ");
+                    } else {
+                        assert!(max_diff(&ph, &pd) < 1e-5, "rank {rank} step {step}: parameters");
+                        assert!(max_diff(&sh.residual, &sd.residual) < 1e-5, "rank {rank} step {step}");
+                    }
+                }
+                // A checkpoint's state goes into a fresh engine and comes out the same.
+                let state = dev.state().unwrap();
+                let mut again = DeviceEngine::new(&cfg, &md, CpuKernels).unwrap();
+                again.load_state(&md, state.clone()).unwrap();
+                assert_eq!(again.state().unwrap(), state);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a rank failed");
+    }
+}
+
+#[test]
+fn dense_matches_the_host_engine_exactly() {
+    agree(&["sparse.method=\"dense\""], true);
+}
+
+#[test]
+fn topk_matches_the_host_engine_exactly() {
+    agree(&["sparse.method=\"topk\""], true);
+}
+
+#[test]
+fn gtopk_conserve_matches_the_host_engine() {
+    // A merge's dropped pairs are summed per index before they reach the residual, so a residual
+    // may differ from the host's in the last bit.
+    agree(&["sparse.method=\"gtopk\"", "sparse.gtopk=\"tree\""], false);
+    agree(
+        &["sparse.method=\"gtopk\"", "sparse.gtopk=\"recursive-doubling\""],
+        false,
+    );
+}
+
+#[test]
+fn gtopk_recursive_doubling_origin_index_matches_the_host_engine_exactly() {
+    agree(
+        &[
+            "sparse.method=\"gtopk\"",
+            "sparse.gtopk=\"recursive-doubling\"",
+            "sparse.residual_policy=\"origin-index\"",
+        ],
+        true,
+    );
+}
+
+#[test]
+fn what_the_device_engine_leaves_to_the_host_is_named() {
+    for (set, named) in [
+        ("sparse.method=\"randomk\"", "randomk"),
+        ("sparse.scope=\"layer\"", "sparse.scope"),
+        ("sparse.wire=\"f16\"", "sparse.wire"),
+        ("sparse.momentum_correction=true", "momentum_correction"),
+        ("debug.check_conservation=true", "check_conservation"),
+    ] {
+        let cfg = config(&["sparse.method=\"gtopk\"", set]);
+        let why = unsupported(&cfg).unwrap_or_default();
+        assert!(why.contains(named), "{set}: {why:?}");
+        let model = Model::build(&cfg.model, 20, 1, &Device::Cpu).unwrap();
+        assert!(DeviceEngine::new(&cfg, &model, CpuKernels).is_err());
+    }
+    assert_eq!(unsupported(&config(&["sparse.method=\"gtopk\""])), None);
+}
+
+#[test]
+fn a_bad_checkpoint_state_is_refused() {
+    let cfg = config(&["sparse.method=\"gtopk\""]);
+    let model = Model::build(&cfg.model, 20, 1, &Device::Cpu).unwrap();
+    let mut e = DeviceEngine::new(&cfg, &model, CpuKernels).unwrap();
+    let good = e.state().unwrap();
+    let short = EngineState {
+        residual: vec![0.0; 3],
+        ..good.clone()
+    };
+    let err = e.load_state(&model, short).unwrap_err().to_string();
+    assert!(err.contains("residual of 3 values"), "{err}");
+    let mut nan = good.clone();
+    nan.residual[2] = f32::NAN;
+    assert!(e
+        .load_state(&model, nan)
+        .unwrap_err()
+        .to_string()
+        .contains("index 2 is NaN"));
+    let momentum = EngineState {
+        sgd_momentum: Some(vec![0.0; 2]),
+        ..good
+    };
+    assert!(e
+        .load_state(&model, momentum)
+        .unwrap_err()
+        .to_string()
+        .contains("momentum buffer"));
+}
