@@ -252,7 +252,10 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
     fn apply(&mut self, model: &Model, lr: f32, clip: f32) -> Result<()> {
         let update = clip_norm(self.update.take().context("apply before aggregate")?, clip)?;
         self.params = self.sgd.step(&self.params, &update, lr)?;
-        model.set_flat_params_tensor(&self.params)
+        model.set_flat_params_tensor(&self.params)?;
+        // The step's time split is measured on the host: without this wait the optimizer's kernels
+        // would be counted in the next forward pass.
+        Ok(model.device().synchronize()?)
     }
 
     fn state(&self) -> Result<EngineState> {
