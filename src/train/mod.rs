@@ -6,6 +6,7 @@ mod device;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod spawn;
 mod stats;
 pub mod task;
 mod worker;
