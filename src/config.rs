@@ -14,7 +14,8 @@ pub struct Config {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
-    /// Where the model runs: "cpu", "cuda" (the local rank's GPU; GPU 0 for in-process workers)
+    /// Where the model runs: "auto" (a GPU when this binary has the `cuda` feature and one is
+    /// visible, else the CPU), "cpu", "cuda" (the local rank's GPU; GPU 0 for in-process workers)
     /// or "cuda:N". GPUs need a binary built with the `cuda` feature.
     #[serde(default = "default_device")]
     pub device: String,
@@ -34,12 +35,14 @@ fn default_name() -> String {
 }
 
 fn default_device() -> String {
-    "cpu".into()
+    "auto".into()
 }
 
 /// The parsed `device` key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceSpec {
+    /// Decided at run time: CUDA when the binary has it and a GPU is visible, else the CPU.
+    Auto,
     Cpu,
     /// A GPU ordinal, or None for "the local rank's".
     Cuda(Option<usize>),
@@ -49,11 +52,12 @@ impl std::str::FromStr for DeviceSpec {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
+            "auto" => Ok(Self::Auto),
             "cpu" => Ok(Self::Cpu),
             "cuda" => Ok(Self::Cuda(None)),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Self::Cuda(Some(n))),
-                _ => anyhow::bail!("device = {s:?}: expected \"cpu\", \"cuda\" or \"cuda:N\""),
+                _ => anyhow::bail!("device = {s:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\""),
             },
         }
     }
@@ -291,11 +295,17 @@ fn one() -> usize {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
-    /// Workers as threads of this process.
+    /// Decided at run time (`train::plan`): one process per GPU when there is a GPU for every
+    /// worker or a launcher started the processes, else workers as threads of this process.
     #[default]
+    Auto,
+    /// Workers as threads of this process.
     Local,
-    /// One worker per process, started by a launcher (torchrun, mpirun, srun, scripts/launch.sh).
+    /// One worker per process over TCP: the launcher's processes (torchrun, mpirun, srun,
+    /// scripts/launch.sh), or without a launcher, processes this one starts.
     Tcp,
+    /// One worker per process and GPU over NCCL, bootstrapped over TCP; processes as for `tcp`.
+    Nccl,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -328,7 +338,7 @@ impl Default for DistConfig {
     fn default() -> Self {
         Self {
             workers: default_workers(),
-            backend: Backend::Local,
+            backend: Backend::default(),
             timeout: default_timeout(),
             bind: default_bind(),
         }
@@ -465,7 +475,10 @@ impl Config {
         };
         need(p >= 1, format!("dist.workers = {p}: must be at least 1"));
         let device = self.device.parse::<DeviceSpec>();
-        need(device.is_ok(), device.err().map(|e| e.to_string()).unwrap_or_default());
+        need(
+            device.is_ok(),
+            device.as_ref().err().map(|e| e.to_string()).unwrap_or_default(),
+        );
         need(
             t.epochs >= 1,
             format!("train.epochs = {}: must be at least 1", t.epochs),
@@ -532,6 +545,21 @@ impl Config {
                 self.dist.timeout
             ),
         );
+        if self.dist.backend == Backend::Nccl {
+            if !cfg!(feature = "cuda") {
+                errs.push(
+                    "dist.backend = \"nccl\": this binary was built without the `cuda` feature (build one with \
+                     scripts/build-cuda.sh, or use dist.backend = \"tcp\" or \"auto\")"
+                        .into(),
+                );
+            } else if matches!(device, Ok(DeviceSpec::Cpu)) {
+                errs.push(
+                    "dist.backend = \"nccl\" needs the model on a GPU, but device = \"cpu\": set device = \"auto\" \
+                     or \"cuda\", or use dist.backend = \"tcp\""
+                        .into(),
+                );
+            }
+        }
         if self.dist.bind.parse::<std::net::IpAddr>().is_err() {
             errs.push(format!(
                 "dist.bind = \"{}\": not an IP address (e.g. \"0.0.0.0\")",
@@ -739,11 +767,35 @@ mod tests {
 
     #[test]
     fn device_key_takes_cpu_cuda_or_an_ordinal() {
-        for ok in ["cpu", "cuda", "cuda:3"] {
+        for ok in ["auto", "cpu", "cuda", "cuda:3"] {
             assert!(Config::parse(BASE, &[format!("device={ok:?}")]).is_ok(), "{ok}");
         }
         let e = format!("{:#}", Config::parse(BASE, &["device=\"tpu\"".into()]).unwrap_err());
         assert!(e.contains("device = \"tpu\""), "{e}");
+    }
+
+    #[test]
+    fn device_and_backend_default_to_auto() {
+        let c = Config::parse(BASE, &[]).unwrap();
+        assert_eq!(c.device.parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        assert_eq!(c.dist.backend, Backend::Auto);
+        for b in ["auto", "local", "tcp"] {
+            assert!(Config::parse(BASE, &[format!("dist.backend={b}")]).is_ok(), "{b}");
+        }
+    }
+
+    #[test]
+    fn nccl_is_refused_where_it_cannot_run() {
+        let e = err(BASE, &["dist.backend=nccl", "device=cpu"]);
+        if cfg!(feature = "cuda") {
+            assert!(e.contains("dist.backend = \"nccl\" needs the model on a GPU"), "{e}");
+            assert!(Config::parse(BASE, &["dist.backend=nccl".into()]).is_ok());
+        } else {
+            assert!(
+                e.contains("dist.backend = \"nccl\": this binary was built without the `cuda` feature"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,13 @@ pub fn report() -> String {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let _ = writeln!(s, "cpu: {threads} hardware threads (RAYON_NUM_THREADS caps candle's)");
     gpu_report(&mut s);
+    let gpus = crate::train::gpus_visible();
+    let auto = if gpus > 0 {
+        format!("the local rank's GPU; without a launcher, up to {gpus} workers run as one process per GPU")
+    } else {
+        "the CPU".to_string()
+    };
+    let _ = writeln!(s, "device = \"auto\" resolves to: {auto}");
     s
 }
 

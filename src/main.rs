@@ -378,8 +378,20 @@ fn run(cli: Cli) -> Result<()> {
             launch,
         } => {
             let cfg = Config::load(&config, &overrides)?;
+            let run_dir = resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name));
+            // The same job for the processes this one may start: the run directory made explicit,
+            // since a default one is named after the clock and would differ between processes.
+            let mut respawn: Vec<std::ffi::OsString> = vec!["train".into(), config.clone().into()];
+            respawn.push(if resume.is_some() { "--resume" } else { "--run-dir" }.into());
+            respawn.push(run_dir.clone().into());
+            for o in &overrides {
+                respawn.extend(["--set".into(), o.into()]);
+            }
+            if plain {
+                respawn.push("--plain".into());
+            }
             let opts = RunOptions {
-                run_dir: resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name)),
+                run_dir,
                 resume: resume.is_some(),
                 progress: !plain && std::io::stderr().is_terminal(),
                 launch: Overrides {
@@ -389,18 +401,22 @@ fn run(cli: Cli) -> Result<()> {
                     master_addr: launch.master_addr,
                     master_port: launch.master_port,
                 },
+                respawn: Some(respawn),
             };
-            eprintln!(
-                "training {} ({:?}, {} workers, {:?}) into {}",
-                cfg.name,
-                cfg.model.arch,
-                cfg.dist.workers,
-                cfg.sparse.method,
-                opts.run_dir.display()
-            );
+            if !train::spawn::is_child() {
+                eprintln!(
+                    "training {} ({:?}, {} workers, {:?}) into {}",
+                    cfg.name,
+                    cfg.model.arch,
+                    cfg.dist.workers,
+                    cfg.sparse.method,
+                    opts.run_dir.display()
+                );
+            }
             let s = train::train(&cfg, &opts)?;
             let test = s.test.context("the run ended without an evaluation")?;
-            if s.rank != 0 {
+            // A rank started by another gtopk process: that one prints the job's summary.
+            if s.rank != 0 || train::spawn::is_child() {
                 return Ok(());
             }
             let mut summary = serde_json::json!({

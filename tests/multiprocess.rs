@@ -297,3 +297,232 @@ fn a_rank_that_never_starts_ends_the_others_within_the_timeout() {
     );
     assert_reaped(&pids);
 }
+
+/// `gtopk train` as a user types it on one machine: no launcher variables at all, so the process
+/// starts the ranks itself.
+fn one_command(cfg: &Path, how: &str, run: &Path, sets: &[&str]) -> Command {
+    let mut cmd = common::train_command(cfg, how, run, sets);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let launcher = ["OMPI_", "PMI_", "SLURM_"].iter().any(|p| k.starts_with(p))
+            || [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "MPI_LOCALRANKID",
+                "GTOPK_SPAWNED_BY",
+                "GTOPK_JOB_SECRET",
+            ]
+            .contains(&k.as_ref());
+        if launcher {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd
+}
+
+/// The job's pipes, read while it runs, so neither ever fills.
+struct Job {
+    rank: Rank,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: std::sync::mpsc::Receiver<String>,
+    err_lines: Vec<String>,
+}
+
+impl Job {
+    fn start(mut cmd: Command) -> Job {
+        let mut child = cmd.spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+            s
+        });
+        let (tx, err) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Job {
+            rank: Rank(child),
+            out: Some(out),
+            err,
+            err_lines: Vec::new(),
+        }
+    }
+
+    fn poll_stderr(&mut self) {
+        self.err_lines.extend(self.err.try_iter());
+    }
+
+    /// The process ids of the ranks the job started, from its "rank R: process PID" lines.
+    fn rank_pids(&mut self, world: usize) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.poll_stderr();
+            let pids: Vec<u32> = (0..world)
+                .filter_map(|r| {
+                    let head = format!("rank {r}: process ");
+                    self.err_lines.iter().find_map(|l| l.strip_prefix(&head)?.parse().ok())
+                })
+                .collect();
+            if pids.len() == world {
+                return pids;
+            }
+            assert!(Instant::now() < deadline, "no rank pids in {:?}", self.err_lines);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// (exit code, stdout, stderr) once it ends within `limit`.
+    fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.rank.0.try_wait().unwrap() {
+                break s;
+            }
+            assert!(start.elapsed() < limit, "the job is still running after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let out = self.out.take().unwrap().join().unwrap();
+        // The reader ends when the pipe closes, which it does with the process.
+        let rest: Vec<String> = self.err.iter().collect();
+        self.err_lines.extend(rest);
+        (status.code().unwrap_or(-1), out, self.err_lines.join("\n"))
+    }
+}
+
+/// Gone, or a zombie waiting for an init that does not reap (the process has ended either way).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn one_command_starts_its_own_ranks_and_matches_in_process_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = ["dist.backend=tcp", "sparse.method=gtopk", "sparse.density=0.01"];
+    let local = dir.path().join("local");
+    common::run(&common::config(&sets[1..]), &local, false).unwrap();
+
+    let run = dir.path().join("spawned");
+    let mut job = Job::start(one_command(&cfg, "--run-dir", &run, &sets));
+    let pids = job.rank_pids(2);
+    let (code, out, err) = job.finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("2 workers on the CPU: starting one process per worker over tcp"),
+        "{err}"
+    );
+    // Only rank 0 logs progress; rank 1's lines show in the failure test.
+    assert!(err.contains("[rank 0] epoch 1: test loss"), "{err}");
+    // One summary, the parent's, as the in-process backend prints it.
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(summary["steps"], 12);
+    assert!(summary["test_accuracy"].is_number(), "{summary}");
+    assert_eq!(common::records(&local), common::records(&run));
+    assert!(pids.iter().all(|&p| ended(p)), "a rank outlived the job");
+}
+
+#[test]
+fn a_spawned_job_resumes_as_one_command_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = ["dist.backend=tcp", "train.checkpoint_every=4"];
+    let whole = dir.path().join("whole");
+    common::run(&common::config(&sets[1..]), &whole, false).unwrap();
+
+    let run = dir.path().join("run");
+    let first = [&sets[..], &["train.max_steps=4"]].concat();
+    let (code, _, err) = Job::start(one_command(&cfg, "--run-dir", &run, &first)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{err}");
+    // A second start into the same directory is refused by rank 0 for every rank.
+    let (code, _, err) = Job::start(one_command(&cfg, "--run-dir", &run, &sets)).finish(Duration::from_secs(60));
+    assert_ne!(code, 0);
+    assert!(err.contains("already holds a run"), "{err}");
+    let (code, _, err) = Job::start(one_command(&cfg, "--resume", &run, &sets)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(common::records(&whole), common::records(&run));
+}
+
+#[test]
+fn a_failing_spawned_rank_ends_the_job_and_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let run = dir.path().join("run");
+    let mut cmd = one_command(&cfg, "--run-dir", &run, &["dist.backend=tcp", "dist.timeout=5"]);
+    cmd.env(gtopk::fault::ENV, "nan-grad:1:3");
+    let started = Instant::now();
+    let mut job = Job::start(cmd);
+    let pids = job.rank_pids(2);
+    let (code, _, err) = job.finish(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error: rank ")
+            && last.contains("failed")
+            && last.contains("non-finite")
+            && last.contains("[1]"),
+        "{err}"
+    );
+    assert!(err.contains("\n[rank 1] warning: GTOPK_FAULT_INJECT"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(pids.iter().all(|&p| ended(p)), "a rank outlived the job");
+}
+
+#[test]
+fn a_killed_rank_is_named_and_a_killed_parent_takes_its_ranks_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = [
+        &ENDLESS[..],
+        &["dist.backend=tcp", "train.log_every=1", "dist.timeout=5"],
+    ]
+    .concat();
+
+    // One rank dies: the job fails naming it, the other rank is stopped.
+    let run = dir.path().join("a");
+    let mut job = Job::start(one_command(&cfg, "--run-dir", &run, &sets));
+    let pids = job.rank_pids(3);
+    wait_until_running(&run, 3);
+    signal(pids[2], "-KILL");
+    let killed_at = Instant::now();
+    let (code, _, err) = job.finish(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    assert!(err.contains("error: rank 2 of 3 failed (signal: 9"), "{err}");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    assert!(pids.iter().all(|&p| ended(p)), "a rank outlived the job");
+
+    // The parent is killed outright (no chance to clean up): its ranks notice and stop.
+    let run = dir.path().join("b");
+    let mut job = Job::start(one_command(&cfg, "--run-dir", &run, &sets));
+    let pids = job.rank_pids(3);
+    wait_until_running(&run, 3);
+    signal(job.rank.0.id(), "-KILL");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&p| ended(p)) {
+        assert!(Instant::now() < deadline, "ranks outlived their parent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -68,6 +68,7 @@ fn run_in(cfg: &Config, dir: &Path) -> Result<StepBreakdown> {
         resume: false,
         progress: false,
         launch: Default::default(),
+        respawn: None,
     };
     train::train(cfg, &opts).context("bench step: the training run")?;
     let records = metrics::read(dir)?;

@@ -4,11 +4,37 @@ use crate::config::DeviceSpec;
 use anyhow::{bail, Result};
 use candle_core::Device;
 
-/// `local_rank` picks the GPU for plain "cuda" (one process per GPU under a launcher; in-process
-/// workers all share GPU 0, one after another on its stream).
+/// GPUs this process can see; 0 in a binary without `cuda`, and when asking fails (no driver, no
+/// device): a machine whose GPUs cannot be counted cannot be used either.
+pub fn gpus_visible() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        // A broken driver installation can make the query panic instead of erring.
+        std::panic::catch_unwind(cudarc::driver::CudaContext::device_count)
+            .ok()
+            .and_then(|r| r.ok())
+            .map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
+    }
+}
+
+/// "auto" made concrete: the local rank's GPU when there is one to use, else the CPU.
+pub fn resolve(spec: DeviceSpec) -> DeviceSpec {
+    match spec {
+        DeviceSpec::Auto if gpus_visible() > 0 => DeviceSpec::Cuda(None),
+        DeviceSpec::Auto => DeviceSpec::Cpu,
+        other => other,
+    }
+}
+
+/// `local_rank` picks the GPU for plain "cuda" and for "auto" on a GPU machine (one process per GPU
+/// under a launcher; in-process workers all share GPU 0, one after another on its stream).
 pub fn open(spec: &str, local_rank: usize) -> Result<Device> {
-    match spec.parse::<DeviceSpec>()? {
-        DeviceSpec::Cpu => Ok(Device::Cpu),
+    match resolve(spec.parse::<DeviceSpec>()?) {
+        DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Device::Cpu),
         DeviceSpec::Cuda(ordinal) => {
             let ordinal = ordinal.unwrap_or(local_rank);
             if !cfg!(feature = "cuda") {
@@ -29,6 +55,9 @@ mod tests {
     #[test]
     fn cpu_opens_and_bad_names_are_refused() {
         assert!(open("cpu", 3).unwrap().is_cpu());
+        if gpus_visible() == 0 {
+            assert!(open("auto", 1).unwrap().is_cpu());
+        }
         let e = open("gpu0", 0).unwrap_err().to_string();
         assert!(e.contains("device = \"gpu0\""), "{e}");
         assert!(open("cuda:x", 0).is_err());

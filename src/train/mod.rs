@@ -1,5 +1,5 @@
-//! Training jobs: the run directory, the workers (threads over the local communicator, or this
-//! process's one worker over TCP), resume.
+//! Training jobs: how the job runs (`plan`), the run directory, the workers (threads over the local
+//! communicator, this process's one worker over TCP or NCCL, or one child process per worker), resume.
 
 pub mod checkpoint;
 mod device;
@@ -8,22 +8,27 @@ mod engine;
 mod host_engine;
 pub mod metrics;
 pub mod optim;
+pub mod plan;
 pub mod schedule;
+pub mod spawn;
 mod stats;
 pub mod task;
 pub mod tensor_sgd;
 mod worker;
 
+pub use device::gpus_visible;
 pub use task::Dataset;
 pub use worker::{EvalStats, Position};
 
 use crate::comm::local::LocalComm;
 use crate::comm::rendezvous::job_token;
 use crate::comm::{Communicator, LaunchInfo, Overrides, TcpComm, TcpOptions};
-use crate::config::{Backend, Config, DataSource};
+use crate::config::{Backend, Config, DataSource, DeviceSpec};
 use crate::data::audio::an4;
 use crate::data::{cifar, ptb, synthetic, synthetic_audio, synthetic_text};
 use anyhow::{anyhow, bail, Context, Result};
+use plan::{Plan, Situation, Transport};
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,9 +44,13 @@ pub struct RunOptions {
     /// tcp backend: rank, world size and master address given on the command line (they win
     /// over the launcher's environment).
     pub launch: Overrides,
+    /// The command-line arguments that start this same job again (`train CONFIG --run-dir DIR
+    /// --set ...`), for when this process starts one process per worker itself; None where it
+    /// cannot (a library caller).
+    pub respawn: Option<Vec<OsString>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize)]
 pub struct Summary {
     /// This process's rank (0 for the local backend, which runs every worker).
     pub rank: usize,
@@ -152,17 +161,88 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     crate::fault::check_plan()?;
-    match cfg.dist.backend {
-        Backend::Local => train_local(cfg, opts),
-        Backend::Tcp => train_process(cfg, opts),
+    // Explicit local has never read the launchers' variables (a malformed one must not stop it).
+    let info = match cfg.dist.backend {
+        Backend::Local => LaunchInfo::detect(|_| None, &Overrides::default())?,
+        _ => LaunchInfo::from_env(&opts.launch)?,
+    };
+    let device = device::resolve(cfg.device.parse()?);
+    let situation = Situation {
+        backend: cfg.dist.backend,
+        workers: cfg.dist.workers,
+        cuda: matches!(device, DeviceSpec::Cuda(_)),
+        gpus: match device {
+            DeviceSpec::Cuda(Some(_)) => 1,
+            DeviceSpec::Cuda(None) => device::gpus_visible(),
+            DeviceSpec::Cpu | DeviceSpec::Auto => 0,
+        },
+        launcher: (info.source != "none").then_some(info.world_size),
+        can_spawn: opts.respawn.is_some(),
+    };
+    let choice = plan::plan(&situation).map_err(|e| anyhow!(e))?;
+    match choice.plan {
+        Plan::Local => {
+            eprintln!("{}", choice.why);
+            train_local(cfg, opts)
+        }
+        Plan::Process(transport) => {
+            // A rank started by `train_spawned` was already explained by its parent.
+            if info.rank == 0 && !spawn::is_child() {
+                eprintln!("{}", choice.why);
+            }
+            spawn::watch_parent();
+            let summary = train_process(cfg, opts, &info, transport)?;
+            if spawn::is_child() && summary.rank == 0 {
+                spawn::report_summary(&serde_json::to_value(&summary)?);
+            }
+            Ok(summary)
+        }
+        Plan::Spawn(_) => {
+            eprintln!("{}", choice.why);
+            train_spawned(cfg, opts)
+        }
     }
 }
 
-/// This process is one rank of a job over TCP: join the job, let rank 0 set up the run directory,
-/// then train.
-fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+/// Starts one process per worker, each a copy of this binary that takes the launcher path, and
+/// reports rank 0's summary as the job's.
+fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let started = Instant::now();
-    let info = LaunchInfo::from_env(&opts.launch)?;
+    let args = opts.respawn.clone().context("this caller cannot start processes")?;
+    let rank0 = spawn::run(&spawn::SpawnOptions {
+        exe: std::env::current_exe().context("finding this program's executable to start the ranks")?,
+        args,
+        world: cfg.dist.workers,
+        rank0_owns_stderr: opts.progress,
+        grace: SPAWN_GRACE,
+    })?
+    .context("rank 0 ended without reporting its summary")?;
+    let test = rank0.get("test").filter(|t| !t.is_null()).map(|t| {
+        let num = |k: &str| t[k].as_f64();
+        EvalStats {
+            loss: num("loss").unwrap_or(f64::NAN),
+            accuracy: num("accuracy").unwrap_or(f64::NAN),
+            samples: t["samples"].as_u64().unwrap_or(0),
+            wer: num("wer"),
+            cer: num("cer"),
+        }
+    });
+    Ok(Summary {
+        rank: 0,
+        steps: rank0["steps"].as_u64().context("rank 0's summary has no steps")?,
+        test,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// After one rank fails, how long the others get to stop on their own before they are killed
+/// (scripts/launch.sh's default too).
+const SPAWN_GRACE: Duration = Duration::from_secs(5);
+
+/// This process is one rank of a multi-process job: join it over TCP, let rank 0 set up the run
+/// directory, switch to NCCL if asked, then train.
+fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: Transport) -> Result<Summary> {
+    let started = Instant::now();
     let rank = info.rank;
     if info.world_size != cfg.dist.workers {
         bail!(
@@ -175,13 +255,23 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let port = info.master_port.unwrap_or(0);
     let secret = std::env::var("GTOPK_JOB_SECRET").unwrap_or_else(|_| "gtopk".into());
     let mut topts = TcpOptions::new(job_token(port, &secret), cfg.fingerprint(), env!("CARGO_PKG_VERSION"));
-    topts.timeout = Duration::from_secs_f64(cfg.dist.timeout);
+    let timeout = Duration::from_secs_f64(cfg.dist.timeout);
+    topts.timeout = timeout;
     topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
-    let mut comm = TcpComm::connect(&info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
-    let resume_from = agree_on_run_dir(&mut comm, cfg, opts)?;
+    let mut tcp = TcpComm::connect(info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
+    let resume_from = agree_on_run_dir(&mut tcp, cfg, opts)?;
     let data = load_data(cfg)?;
     let dev = device::open(&cfg.device, info.local_rank).map_err(|e| ranked(rank, e))?;
-    let mut w = Worker::new(cfg, opts.run_dir.clone(), Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
+    // Under NCCL the TCP connections stay open until the job ends, idle: closing them while a slower
+    // rank is still inside NCCL's setup would look to it like a lost peer.
+    let (comm, _bootstrap): (Box<dyn Communicator>, Option<TcpComm>) = match transport {
+        Transport::Tcp => (Box::new(tcp), None),
+        Transport::Nccl => (
+            nccl_comm(&mut tcp, &dev, timeout).map_err(|e| ranked(rank, e))?,
+            Some(tcp),
+        ),
+    };
+    let mut w = Worker::new(cfg, opts.run_dir.clone(), comm, &data, &dev).map_err(|e| ranked(rank, e))?;
     if let Some(dir) = &resume_from {
         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
     }
@@ -192,6 +282,21 @@ fn train_process(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         test,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The NCCL communicator on the model's CUDA stream, its unique id passed over the TCP group.
+#[cfg(feature = "cuda")]
+fn nccl_comm(bootstrap: &mut TcpComm, dev: &candle_core::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
+    let candle_core::Device::Cuda(gpu) = dev else {
+        bail!("dist.backend = \"nccl\": the model is not on a GPU");
+    };
+    let comm = crate::comm::nccl::NcclComm::connect(bootstrap, gpu.cuda_stream(), timeout)?;
+    Ok(Box::new(comm))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_comm(_: &mut TcpComm, _: &candle_core::Device, _: Duration) -> Result<Box<dyn Communicator>> {
+    bail!("dist.backend = \"nccl\": this binary was built without the `cuda` feature")
 }
 
 /// Rank 0 alone prepares the run directory (two ranks checking "is it empty?" would race); the

@@ -46,6 +46,7 @@ pub fn run(cfg: &Config, dir: &Path, resume: bool) -> anyhow::Result<Summary> {
             resume,
             progress: false,
             launch: Default::default(),
+            respawn: None,
         },
     )
 }
