@@ -48,6 +48,10 @@ impl Communicator for Timed<'_> {
         self.inner.traffic()
     }
 
+    fn exchange(&mut self, peer: usize, msg: &[u8]) -> Result<Vec<u8>> {
+        self.timed("comm.exchange", |c| c.exchange(peer, msg))
+    }
+
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.timed("comm.all_reduce", |c| c.all_reduce_sum(buf))
     }
@@ -58,6 +62,20 @@ impl Communicator for Timed<'_> {
 
     fn broadcast(&mut self, root: usize, msg: &mut Vec<u8>) -> Result<()> {
         self.timed("comm.broadcast", |c| c.broadcast(root, msg))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaSlice<f32>,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.all_reduce", |c| c.all_reduce_sum_device(buf, stream))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn device_native(&self) -> bool {
+        self.inner.device_native()
     }
 }
 
