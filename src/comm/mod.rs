@@ -13,6 +13,7 @@
 mod collectives;
 pub mod launch;
 pub mod local;
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 pub mod timed;
@@ -103,8 +104,9 @@ pub trait Communicator: Send {
         Ok(())
     }
 
-    /// Whether device buffers travel without a copy through the host (NCCL): callers then keep
-    /// their data on the device instead of downloading it for `send` or `all_gather`.
+    /// Whether device buffers travel without a copy through the host (NCCL: `all_reduce_sum_device`
+    /// reduces in place on the GPU). When false, a caller with data on the host should use the
+    /// host calls rather than upload it for `all_reduce_sum_device`, which would copy it back.
     #[cfg(feature = "cuda")]
     fn device_native(&self) -> bool {
         false
