@@ -1,7 +1,7 @@
 //! Collectives over point-to-point messages. Deterministic: the order of every floating-point
 //! addition depends only on (rank, world size, length), never on timing.
 
-use super::{bytes_to_f32s, f32s_to_bytes, Communicator};
+use super::{bytes_to_f32s, f32s_to_bytes, Communicator, Traffic};
 use anyhow::{ensure, Context, Result};
 use std::ops::Range;
 
@@ -63,6 +63,51 @@ fn shift_chunk<C: Communicator + ?Sized>(
         recv.len()
     );
     Ok(got)
+}
+
+/// What `ring_all_reduce` of `len` f32 values counts on `rank`: chunks r, r-1, .. go out in the
+/// reduce-scatter and r+1, r, .. in the all-gather, and as many come in from the left.
+pub fn ring_all_reduce_traffic(len: usize, world: usize, rank: usize) -> Traffic {
+    let chunks = ring_chunks(len, world);
+    let sent: usize = (0..world.saturating_sub(1))
+        .map(|s| chunks[(rank + world - s) % world].len() + chunks[(rank + 1 + world - s) % world].len())
+        .sum();
+    let left = (rank + world - 1) % world;
+    let recv: usize = (0..world.saturating_sub(1))
+        .map(|s| chunks[(left + world - s) % world].len() + chunks[(left + 1 + world - s) % world].len())
+        .sum();
+    Traffic {
+        sent: 4 * sent as u64,
+        recv: 4 * recv as u64,
+    }
+}
+
+/// What `ring_all_gather` counts on `rank` when rank q brings `lens[q]` bytes: every piece but the
+/// right neighbour's goes out, every piece but its own comes in.
+pub fn ring_all_gather_traffic(lens: &[usize], rank: usize) -> Traffic {
+    let world = lens.len();
+    if world <= 1 {
+        return Traffic::default();
+    }
+    let total: usize = lens.iter().sum();
+    Traffic {
+        sent: (total - lens[(rank + 1) % world]) as u64,
+        recv: (total - lens[rank]) as u64,
+    }
+}
+
+/// What `tree_broadcast` of a `len`-byte message counts on `rank`.
+pub fn tree_broadcast_traffic(world: usize, root: usize, rank: usize, len: usize) -> Traffic {
+    let mut t = Traffic::default();
+    for &(from, to) in broadcast_schedule(world, root).iter().flatten() {
+        if from == rank {
+            t.sent += len as u64;
+        }
+        if to == rank {
+            t.recv += len as u64;
+        }
+    }
+    t
 }
 
 pub(super) fn ring_all_gather<C: Communicator + ?Sized>(c: &mut C, msg: &[u8]) -> Result<Vec<Vec<u8>>> {

@@ -170,6 +170,57 @@ mod tests {
         world / 2
     }
 
+    /// The NCCL backend reports these formulas instead of counting; they must be what the default
+    /// collectives really count.
+    #[test]
+    fn traffic_formulas_match_the_default_collectives() {
+        use crate::comm::{ring_all_gather_traffic, ring_all_reduce_traffic, tree_broadcast_traffic};
+        for world in 1..=6 {
+            for len in [0usize, 1, 5, 13] {
+                let out = run(world, move |mut c| {
+                    let rank = c.rank();
+                    let t0 = c.traffic();
+                    c.all_reduce_sum(&mut data(rank, len)).unwrap();
+                    let t1 = c.traffic();
+                    let lens: Vec<usize> = (0..world).map(|r| (r * 7 + len) % 11).collect();
+                    c.all_gather(&vec![1u8; lens[rank]]).unwrap();
+                    let t2 = c.traffic();
+                    let root = len % world;
+                    let mut msg = if rank == root { vec![2u8; len] } else { Vec::new() };
+                    c.broadcast(root, &mut msg).unwrap();
+                    let t3 = c.traffic();
+                    (rank, t1 - t0, t2 - t1, t3 - t2, lens, root)
+                });
+                for (rank, reduce, gather, bcast, lens, root) in out {
+                    assert_eq!(
+                        reduce,
+                        ring_all_reduce_traffic(len, world, rank),
+                        "P {world} len {len} r {rank}"
+                    );
+                    assert_eq!(gather, ring_all_gather_traffic(&lens, rank), "P {world} r {rank}");
+                    assert_eq!(
+                        bcast,
+                        tree_broadcast_traffic(world, root, rank, len),
+                        "P {world} r {rank}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exchange_is_send_then_recv() {
+        let out = run(2, |mut c| {
+            let peer = 1 - c.rank();
+            let got = c.exchange(peer, &vec![c.rank() as u8; 3 + c.rank()]).unwrap();
+            (got, c.traffic())
+        });
+        assert_eq!(out[0].0, vec![1u8; 4]);
+        assert_eq!(out[1].0, vec![0u8; 3]);
+        assert_eq!(out[0].1, Traffic { sent: 3, recv: 4 });
+        assert_eq!(out[1].1, Traffic { sent: 4, recv: 3 });
+    }
+
     #[test]
     fn a_dead_peer_is_an_error_not_a_hang() {
         let mut comms = LocalComm::group(2, Duration::from_millis(200));

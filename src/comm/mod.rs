@@ -1,11 +1,19 @@
 //! Moving bytes between workers. A backend implements point-to-point `send`/`recv`; the collectives
-//! have default implementations written once over those two calls (`collectives.rs`), so every
-//! backend produces bit-identical results and byte counts. Backends with native collectives (NCCL)
-//! override them.
+//! have default implementations written once over those two calls (`collectives.rs`), so the local
+//! and TCP backends produce bit-identical results and byte counts. NCCL (`nccl.rs`, feature `cuda`)
+//! overrides `exchange` and the collectives with its own: every rank still ends with identical bits,
+//! but its all-reduce adds in NCCL's order, not our ring's, and it counts the bytes the default
+//! collective would have counted, so traffic metrics compare across backends.
+//!
+//! A backend's `send` may wait until the peer calls the matching `recv` (NCCL's does). Code that
+//! sends to a peer and receives from that same peer at the same time therefore calls `exchange`,
+//! never `send` then `recv`. The default collectives assume buffered sends (every rank of a ring
+//! step sends before it receives), so a backend whose sends rendezvous overrides all of them.
 
 mod collectives;
 pub mod launch;
 pub mod local;
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 pub mod timed;
@@ -13,7 +21,9 @@ pub mod timed;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub use collectives::{broadcast_schedule, ring_chunks};
+pub use collectives::{
+    broadcast_schedule, ring_all_gather_traffic, ring_all_reduce_traffic, ring_chunks, tree_broadcast_traffic,
+};
 pub use launch::{LaunchInfo, Overrides};
 pub use tcp::{TcpComm, TcpOptions};
 
@@ -22,6 +32,13 @@ pub use tcp::{TcpComm, TcpOptions};
 pub struct Traffic {
     pub sent: u64,
     pub recv: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, rhs: Traffic) {
+        self.sent += rhs.sent;
+        self.recv += rhs.recv;
+    }
 }
 
 impl std::ops::Sub for Traffic {
@@ -39,31 +56,27 @@ pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
 
-    /// Buffered send: returns without waiting for the receiver to call `recv`.
+    /// Sends `msg` to `to`. The local and TCP backends buffer it and return at once; NCCL's returns
+    /// when `to` has received it. Use `exchange` when `to` sends to this rank at the same time.
     fn send(&mut self, to: usize, msg: &[u8]) -> Result<()>;
     /// The next message from `from`, in the order it was sent. Errors (never hangs past the
     /// backend's timeout) when the peer is gone.
     fn recv(&mut self, from: usize) -> Result<Vec<u8>>;
+    /// Bytes of the messages themselves: no framing, no padding (see `nccl.rs` for collectives).
     fn traffic(&self) -> Traffic;
+
+    /// Sends `msg` to `peer` and returns `peer`'s message to this rank, the two travelling at the
+    /// same time, so it cannot deadlock when `peer` calls `exchange` with this rank too. Same
+    /// bytes and counts as `send` followed by `recv`.
+    fn exchange(&mut self, peer: usize, msg: &[u8]) -> Result<Vec<u8>> {
+        self.send(peer, msg)?;
+        self.recv(peer)
+    }
 
     /// In-place sum over all ranks; every rank ends with identical bits (ring: reduce-scatter then
     /// all-gather, 2(P-1)/P of the buffer sent per rank).
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         collectives::ring_all_reduce(self, buf)
-    }
-
-    /// `all_reduce_sum` of a buffer in device memory. This default goes through the host (one
-    /// copy each way); a backend that reads device memory itself (NCCL) overrides it.
-    #[cfg(feature = "cuda")]
-    fn all_reduce_sum_device(
-        &mut self,
-        buf: &mut cudarc::driver::CudaSlice<f32>,
-        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-    ) -> Result<()> {
-        let mut host = stream.clone_dtoh(&*buf)?;
-        self.all_reduce_sum(&mut host)?;
-        stream.memcpy_htod(&host, buf)?;
-        Ok(())
     }
 
     /// Every rank's message, indexed by rank (ring: (P-1) messages forwarded per rank).
@@ -74,6 +87,29 @@ pub trait Communicator: Send {
     /// `msg` of `root` replaces `msg` everywhere (binomial tree, P-1 messages in all).
     fn broadcast(&mut self, root: usize, msg: &mut Vec<u8>) -> Result<()> {
         collectives::tree_broadcast(self, root, msg)
+    }
+
+    /// `all_reduce_sum` of a device buffer queued on `stream`. The default goes through the host
+    /// (copy out, `all_reduce_sum`, copy back), so dense S-SGD on device buffers works on every
+    /// backend; NCCL reduces in place on the device.
+    #[cfg(feature = "cuda")]
+    fn all_reduce_sum_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaSlice<f32>,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let mut host = stream.clone_dtoh(buf)?;
+        self.all_reduce_sum(&mut host)?;
+        stream.memcpy_htod(&host, buf)?;
+        Ok(())
+    }
+
+    /// Whether device buffers travel without a copy through the host (NCCL: `all_reduce_sum_device`
+    /// reduces in place on the GPU). When false, a caller with data on the host should use the
+    /// host calls rather than upload it for `all_reduce_sum_device`, which would copy it back.
+    #[cfg(feature = "cuda")]
+    fn device_native(&self) -> bool {
+        false
     }
 }
 

@@ -48,8 +48,20 @@ impl Communicator for Timed<'_> {
         self.inner.traffic()
     }
 
+    fn exchange(&mut self, peer: usize, msg: &[u8]) -> Result<Vec<u8>> {
+        self.timed("comm.exchange", |c| c.exchange(peer, msg))
+    }
+
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.timed("comm.all_reduce", |c| c.all_reduce_sum(buf))
+    }
+
+    fn all_gather(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.timed("comm.all_gather", |c| c.all_gather(msg))
+    }
+
+    fn broadcast(&mut self, root: usize, msg: &mut Vec<u8>) -> Result<()> {
+        self.timed("comm.broadcast", |c| c.broadcast(root, msg))
     }
 
     #[cfg(feature = "cuda")]
@@ -61,12 +73,9 @@ impl Communicator for Timed<'_> {
         self.timed("comm.all_reduce", |c| c.all_reduce_sum_device(buf, stream))
     }
 
-    fn all_gather(&mut self, msg: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.timed("comm.all_gather", |c| c.all_gather(msg))
-    }
-
-    fn broadcast(&mut self, root: usize, msg: &mut Vec<u8>) -> Result<()> {
-        self.timed("comm.broadcast", |c| c.broadcast(root, msg))
+    #[cfg(feature = "cuda")]
+    fn device_native(&self) -> bool {
+        self.inner.device_native()
     }
 }
 

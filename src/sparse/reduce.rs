@@ -111,10 +111,8 @@ impl Reducer<'_> {
             let peer = rank ^ (1 << r);
             // Both peers merge what the other one decodes, so each side merges its own rounded set.
             let mine = self.rounded(&set, group_leader(rank, r) == rank);
-            self.send(peer, &mine)
-                .with_context(|| format!("gtop-k recursive doubling round {r}"))?;
             let other = self
-                .recv(peer)
+                .exchange(peer, &mine)
                 .with_context(|| format!("gtop-k recursive doubling round {r}"))?;
             set = self.merge(&mine, &other, group_leader(rank, r + 1) == rank)?;
         }
@@ -161,6 +159,13 @@ impl Reducer<'_> {
         let msg = self.comm.recv(from)?;
         self.decode(&msg)
             .with_context(|| format!("set received from rank {from}"))
+    }
+
+    /// Both peers send at once: a backend whose `send` waits for the `recv` needs them paired.
+    fn exchange(&mut self, peer: usize, set: &SparseSet) -> Result<SparseSet> {
+        let msg = self.comm.exchange(peer, &self.wire.encode(set))?;
+        self.decode(&msg)
+            .with_context(|| format!("set received from rank {peer}"))
     }
 
     fn decode(&self, msg: &[u8]) -> Result<SparseSet> {
