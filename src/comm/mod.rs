@@ -18,6 +18,8 @@ pub mod rendezvous;
 pub mod tcp;
 pub mod timed;
 
+#[cfg(feature = "cuda")]
+use anyhow::Context;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
@@ -104,6 +106,56 @@ pub trait Communicator: Send {
         Ok(())
     }
 
+    /// Sends the first `n` pairs of a sparse set held in device memory (indices then values, the
+    /// f32 wire format: 8n bytes). Both sides know `n` (the tree's sets all hold k pairs). This
+    /// default goes through the host; NCCL sends from device memory.
+    #[cfg(feature = "cuda")]
+    fn send_pairs_device(
+        &mut self,
+        to: usize,
+        pairs: (&cudarc::driver::CudaSlice<u32>, &cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let msg = device_pairs_to_bytes(pairs, n, stream)?;
+        self.send(to, &msg)
+    }
+
+    /// Receives `n` pairs sent by `send_pairs_device` into device memory.
+    #[cfg(feature = "cuda")]
+    fn recv_pairs_device(
+        &mut self,
+        from: usize,
+        pairs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let msg = self.recv(from)?;
+        bytes_to_device_pairs(&msg, pairs, n, stream).with_context(|| format!("pairs received from rank {from}"))
+    }
+
+    /// `root`'s first `n` pairs replace everyone's, in device memory.
+    #[cfg(feature = "cuda")]
+    fn broadcast_pairs_device(
+        &mut self,
+        root: usize,
+        pairs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let mut msg = if self.rank() == root {
+            device_pairs_to_bytes((&*pairs.0, &*pairs.1), n, stream)?
+        } else {
+            Vec::new()
+        };
+        self.broadcast(root, &mut msg)?;
+        if self.rank() != root {
+            bytes_to_device_pairs(&msg, pairs, n, stream)
+                .with_context(|| format!("pairs broadcast from rank {root}"))?;
+        }
+        Ok(())
+    }
+
     /// Whether device buffers travel without a copy through the host (NCCL: `all_reduce_sum_device`
     /// reduces in place on the GPU). When false, a caller with data on the host should use the
     /// host calls rather than upload it for `all_reduce_sum_device`, which would copy it back.
@@ -111,6 +163,55 @@ pub trait Communicator: Send {
     fn device_native(&self) -> bool {
         false
     }
+}
+
+/// `n` device pairs as the f32 wire format (indices, then values, little-endian).
+#[cfg(feature = "cuda")]
+fn device_pairs_to_bytes(
+    (idx, val): (&cudarc::driver::CudaSlice<u32>, &cudarc::driver::CudaSlice<f32>),
+    n: usize,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<Vec<u8>> {
+    anyhow::ensure!(
+        n <= idx.len() && n <= val.len(),
+        "{n} pairs asked of a set of {}",
+        idx.len()
+    );
+    let mut out = Vec::with_capacity(8 * n);
+    if n > 0 {
+        let i = stream.clone_dtoh(&idx.slice(..n))?;
+        let v = stream.clone_dtoh(&val.slice(..n))?;
+        i.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+        v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+fn bytes_to_device_pairs(
+    msg: &[u8],
+    (idx, val): (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+    n: usize,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<()> {
+    anyhow::ensure!(
+        msg.len() == 8 * n && n <= idx.len() && n <= val.len(),
+        "a message of {} bytes where {n} pairs ({} bytes) were expected, for a set of {}",
+        msg.len(),
+        8 * n,
+        idx.len()
+    );
+    if n > 0 {
+        let (ib, vb) = msg.split_at(4 * n);
+        let i: Vec<u32> = ib
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let v = bytes_to_f32s(vb)?;
+        stream.memcpy_htod(&i, &mut idx.slice_mut(..n))?;
+        stream.memcpy_htod(&v, &mut val.slice_mut(..n))?;
+    }
+    Ok(())
 }
 
 pub fn f32s_to_bytes(xs: &[f32]) -> Vec<u8> {

@@ -424,6 +424,16 @@ mod device {
             Ok(())
         }
 
+        /// Device buffers of the caller must live on this communicator's GPU.
+        fn same_device(&self, op: Op, stream: &CudaStream) -> Result<()> {
+            ensure!(
+                stream.context() == self.stream.context(),
+                "rank {}: NCCL {op} on a stream of another device",
+                self.rank
+            );
+            Ok(())
+        }
+
         fn peer_check(&self, peer: usize) -> Result<()> {
             ensure!(
                 peer < self.world && peer != self.rank,
@@ -809,11 +819,7 @@ mod device {
                 with: With::All(self.world),
             };
             self.usable(op)?;
-            ensure!(
-                stream.context() == self.stream.context(),
-                "rank {}: NCCL all_reduce on a stream of another device",
-                self.rank
-            );
+            self.same_device(op, stream)?;
             if self.world == 1 || buf.is_empty() {
                 return Ok(());
             }
@@ -822,6 +828,132 @@ mod device {
             let (p, _written) = buf.device_ptr_mut(stream);
             self.run(op, stream, &[Call::AllReduceSum { buf: p, count }])?;
             self.traffic += ring_all_reduce_traffic(count, self.world, self.rank);
+            Ok(())
+        }
+
+        /// No length header: both sides know n. Indices and values go in one group.
+        fn send_pairs_device(
+            &mut self,
+            to: usize,
+            (idx, val): (&CudaSlice<u32>, &CudaSlice<f32>),
+            n: usize,
+            stream: &Arc<CudaStream>,
+        ) -> Result<()> {
+            let op = Op {
+                name: "send",
+                with: With::Rank(to),
+            };
+            self.usable(op)?;
+            self.peer_check(to)?;
+            self.same_device(op, stream)?;
+            ensure!(
+                n <= idx.len() && n <= val.len(),
+                "{n} pairs asked of a set of {}",
+                idx.len()
+            );
+            if n > 0 {
+                let calls = [
+                    Call::Send {
+                        buf: ptr(idx, stream),
+                        count: n,
+                        ty: ncclDataType_t::ncclUint32,
+                        peer: to,
+                    },
+                    Call::Send {
+                        buf: ptr(val, stream),
+                        count: n,
+                        ty: ncclDataType_t::ncclFloat32,
+                        peer: to,
+                    },
+                ];
+                self.run(op, stream, &calls)?;
+            }
+            self.traffic.sent += 8 * n as u64;
+            Ok(())
+        }
+
+        fn recv_pairs_device(
+            &mut self,
+            from: usize,
+            (idx, val): (&mut CudaSlice<u32>, &mut CudaSlice<f32>),
+            n: usize,
+            stream: &Arc<CudaStream>,
+        ) -> Result<()> {
+            let op = Op {
+                name: "recv",
+                with: With::Rank(from),
+            };
+            self.usable(op)?;
+            self.peer_check(from)?;
+            self.same_device(op, stream)?;
+            ensure!(
+                n <= idx.len() && n <= val.len(),
+                "{n} pairs into a set of {}",
+                idx.len()
+            );
+            if n > 0 {
+                let (ip, _wi) = idx.device_ptr_mut(stream);
+                let (vp, _wv) = val.device_ptr_mut(stream);
+                let calls = [
+                    Call::Recv {
+                        buf: ip,
+                        count: n,
+                        ty: ncclDataType_t::ncclUint32,
+                        peer: from,
+                    },
+                    Call::Recv {
+                        buf: vp,
+                        count: n,
+                        ty: ncclDataType_t::ncclFloat32,
+                        peer: from,
+                    },
+                ];
+                self.run(op, stream, &calls)?;
+            }
+            self.traffic.recv += 8 * n as u64;
+            Ok(())
+        }
+
+        fn broadcast_pairs_device(
+            &mut self,
+            root: usize,
+            (idx, val): (&mut CudaSlice<u32>, &mut CudaSlice<f32>),
+            n: usize,
+            stream: &Arc<CudaStream>,
+        ) -> Result<()> {
+            let op = Op {
+                name: "broadcast",
+                with: With::All(self.world),
+            };
+            self.usable(op)?;
+            ensure!(
+                root < self.world,
+                "broadcast root {root} outside a world of {}",
+                self.world
+            );
+            self.same_device(op, stream)?;
+            ensure!(n <= idx.len() && n <= val.len(), "{n} pairs in a set of {}", idx.len());
+            if self.world == 1 || n == 0 {
+                return Ok(());
+            }
+            let (ip, _wi) = idx.device_ptr_mut(stream);
+            let (vp, _wv) = val.device_ptr_mut(stream);
+            let calls = [
+                Call::Broadcast {
+                    buf: ip,
+                    count: n,
+                    ty: ncclDataType_t::ncclUint32,
+                    root,
+                },
+                Call::Broadcast {
+                    buf: vp,
+                    count: n,
+                    ty: ncclDataType_t::ncclFloat32,
+                    root,
+                },
+            ];
+            self.run(op, stream, &calls)?;
+            self.traffic += tree_broadcast_traffic(self.world, root, self.rank, 8 * n);
             Ok(())
         }
 

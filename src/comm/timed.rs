@@ -74,6 +74,39 @@ impl Communicator for Timed<'_> {
     }
 
     #[cfg(feature = "cuda")]
+    fn send_pairs_device(
+        &mut self,
+        to: usize,
+        pairs: (&cudarc::driver::CudaSlice<u32>, &cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.send", |c| c.send_pairs_device(to, pairs, n, stream))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn recv_pairs_device(
+        &mut self,
+        from: usize,
+        pairs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.recv", |c| c.recv_pairs_device(from, pairs, n, stream))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn broadcast_pairs_device(
+        &mut self,
+        root: usize,
+        pairs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.broadcast", |c| c.broadcast_pairs_device(root, pairs, n, stream))
+    }
+
+    #[cfg(feature = "cuda")]
     fn device_native(&self) -> bool {
         self.inner.device_native()
     }

@@ -1,9 +1,10 @@
 //! The device engine's operations as our CUDA kernels, on candle's stream: they queue behind the
-//! backward pass that made the gradient, with no synchronisation but the k pairs' download.
+//! backward pass that made the gradient. The waits are the selection's and each merge's outcome
+//! (a NaN check, a few words) and whatever the communicator waits for.
 
 use super::Kernels;
 use crate::comm::Communicator;
-use crate::gpu::{DeviceSet, Gpu, Outputs, Pass1, ScatterCount, Selector};
+use crate::gpu::{DeviceSet, Gpu, Merger, Outputs, Pass1, ScatterCount, Selector};
 use crate::models::Model;
 use crate::sparse::SparseSet;
 use anyhow::{bail, ensure, Context, Result};
@@ -16,8 +17,8 @@ pub struct CudaKernels {
     gpu: Gpu,
     cuda: CudaDevice,
     selector: Selector,
-    /// This rank's selection.
-    sel: DeviceSet,
+    /// Merges of sets of up to `.1` pairs.
+    merger: Option<(Merger, usize)>,
     /// Pairs from the host on their way into a scatter.
     pairs: DeviceSet,
 }
@@ -31,7 +32,7 @@ impl CudaKernels {
         let stream = gpu.stream.clone();
         Ok(Self {
             selector: Selector::new(&gpu, model.num_params())?,
-            sel: DeviceSet::with_capacity(&stream, 1)?,
+            merger: None,
             pairs: DeviceSet::with_capacity(&stream, 1)?,
             gpu,
             cuda,
@@ -43,7 +44,8 @@ impl CudaKernels {
     }
 }
 
-/// Room for `n` pairs (grown, never shrunk: the density only falls after its warm-up).
+/// Room for `n` pairs in the scratch set (grown, never shrunk: the density only falls after its
+/// warm-up).
 fn reserve(stream: &Arc<CudaStream>, set: &mut DeviceSet, n: usize) -> Result<()> {
     if set.capacity() < n {
         *set = DeviceSet::with_capacity(stream, n)?;
@@ -83,25 +85,74 @@ impl std::ops::Deref for SliceGuard<'_> {
 
 impl Kernels for CudaKernels {
     type Buf = CudaSlice<f32>;
+    type Set = DeviceSet;
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         Ok(self.gpu.stream.alloc_zeros(n)?)
     }
 
-    fn accumulate_select(&mut self, residual: &mut CudaSlice<f32>, grad: &Tensor, k: usize) -> Result<SparseSet> {
+    fn accumulate_select(&mut self, residual: &mut CudaSlice<f32>, grad: &Tensor, k: usize) -> Result<DeviceSet> {
         let (stream, n) = (self.stream(), residual.len());
-        reserve(&stream, &mut self.sel, k)?;
+        let mut sel = DeviceSet::with_capacity(&stream, k)?;
         {
             let g = SliceGuard::of(grad)?;
             let pass1 = Pass1::Accumulate {
                 grad: &g,
                 momentum: None,
             };
-            let out = Outputs::kept_and_residual(&mut self.sel);
+            let out = Outputs::kept_and_residual(&mut sel);
             self.selector.select(&self.gpu, residual, n, k, pass1, out)?;
         }
         self.selector.check_nan(&self.gpu, "device top-k")?;
-        self.sel.download(&stream, k)
+        Ok(sel)
+    }
+
+    fn merge_into(
+        &mut self,
+        a: &mut DeviceSet,
+        b: &DeviceSet,
+        k: usize,
+        absorb: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let stream = self.stream();
+        if self.merger.as_ref().is_none_or(|(_, cap)| *cap < k) {
+            self.merger = Some((Merger::new(&self.gpu, k)?, k));
+        }
+        let (merger, _) = self.merger.as_mut().expect("made above");
+        // Two k-sets of distinct indices have a union of at least k: exactly k are kept.
+        let mut kept = DeviceSet::with_capacity(&stream, k)?;
+        let mut dropped = DeviceSet::with_capacity(&stream, k)?;
+        merger.merge(&self.gpu, a, k, b, k, k, &mut kept, &mut dropped)?;
+        let t = merger.outcome(&self.gpu)?;
+        ensure!(t.k == k, "device merge kept {} pairs of k = {k}", t.k);
+        if let Some(r) = absorb {
+            self.gpu.scatter_add(&dropped, ScatterCount::Host(t.n - t.k), 1.0, r)?;
+        }
+        *a = kept;
+        Ok(())
+    }
+
+    fn send_set(&mut self, comm: &mut dyn Communicator, to: usize, set: &DeviceSet, k: usize) -> Result<()> {
+        comm.send_pairs_device(to, (&set.idx, &set.val), k, &self.stream())
+    }
+
+    fn recv_set(&mut self, comm: &mut dyn Communicator, from: usize, k: usize) -> Result<DeviceSet> {
+        let stream = self.stream();
+        let mut set = DeviceSet::with_capacity(&stream, k)?;
+        comm.recv_pairs_device(from, (&mut set.idx, &mut set.val), k, &stream)?;
+        Ok(set)
+    }
+
+    fn broadcast_set(&mut self, comm: &mut dyn Communicator, root: usize, set: &mut DeviceSet, k: usize) -> Result<()> {
+        comm.broadcast_pairs_device(root, (&mut set.idx, &mut set.val), k, &self.stream())
+    }
+
+    fn download_set(&self, set: &DeviceSet, k: usize) -> Result<SparseSet> {
+        set.download(&self.gpu.stream, k)
+    }
+
+    fn scatter_set(&mut self, set: &DeviceSet, k: usize, divisor: f32, dense: &mut CudaSlice<f32>) -> Result<()> {
+        self.gpu.scatter_add(set, ScatterCount::Host(k), divisor, dense)
     }
 
     fn scatter(&mut self, pairs: &SparseSet, divisor: f32, dense: &mut CudaSlice<f32>) -> Result<()> {

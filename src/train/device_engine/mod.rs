@@ -1,19 +1,17 @@
 //! The engine for a model on a GPU: the flat gradient, the residual, the update, the parameters
 //! and the optimizer's momentum stay in device memory. A sparse step is one fused pass (residual +
-//! gradient, histogram), the selection leaving the residual behind, k pairs down to the host for
-//! the exchange, and the global set back up into a scatter.
+//! gradient, histogram) and the selection, which leaves the residual behind; gTop-k's tree then
+//! merges on the device, its k-pair sets sent from device memory (GPU to GPU under NCCL; through
+//! the host on the other backends), and the global set is scattered into the update.
 //!
 //! The step is written once over `Kernels`, the few device operations it needs: the CUDA kernels
 //! in a `cuda` build (`cuda.rs`), and their CPU twins in the tests, which hold this engine to the
 //! host engine's results step by step.
 //!
-//! Covered: dense, top-k and gTop-k (tree or recursive doubling, either residual policy) with
-//! model scope and f32 pairs; Assumption 1's delta on the steps that ask for it (one download).
-//! Layer scope, random-k, f16/bf16 pairs, DGC momentum correction and the per-step conservation
-//! check run on the host engine (`unsupported` names which).
-//!
-//! The exchange runs over the communicator's host bytes: the pairs are few (k = 0.001 d in the
-//! paper), so the copies are 8k bytes each way, not 4d.
+//! Covered: dense, top-k and gTop-k (tree on the device, recursive doubling through the host;
+//! either residual policy) with model scope and f32 pairs; Assumption 1's delta on the steps that
+//! ask for it (one download). Layer scope, random-k, f16/bf16 pairs, DGC momentum correction and
+//! the per-step conservation check run on the host engine (`unsupported` names which).
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -29,22 +27,33 @@ use crate::config::Config;
 use crate::models::Model;
 use crate::rng::Rng;
 use crate::sparse::{
-    delta_expected, delta_sampled, gtopk_reduce, CompressorConfig, Layout, Method, ResidualPolicy, Scope, SparseSet,
-    StepOptions, StepReport,
+    delta_expected, delta_sampled, gtopk_reduce, tree_schedule, CompressorConfig, GtopkAlgo, Layout, Method,
+    ResidualPolicy, Scope, SparseSet, StepOptions, StepReport,
 };
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
-/// The device side of a step. `Buf` is a d-length f32 vector in device memory.
+/// The device side of a step. `Buf` is a d-length f32 vector in device memory, `Set` a sparse set
+/// there with room for the step's k pairs (its length is known to whoever made it).
 pub trait Kernels: Send {
     type Buf: Send;
+    type Set: Send;
 
     fn zeros(&self, n: usize) -> Result<Self::Buf>;
     /// `residual += grad`, then the k largest magnitudes of it as pairs (sorted by index, ties to
     /// the smaller index), zeroed in `residual`, which is left as the new residual.
-    fn accumulate_select(&mut self, residual: &mut Self::Buf, grad: &Tensor, k: usize) -> Result<SparseSet>;
-    /// `dense[i] += v / divisor` for every pair (indices unique).
+    fn accumulate_select(&mut self, residual: &mut Self::Buf, grad: &Tensor, k: usize) -> Result<Self::Set>;
+    /// The paper's merge of two k-sets: `a` becomes the k kept pairs; the dropped ones are added
+    /// into `absorb` when given.
+    fn merge_into(&mut self, a: &mut Self::Set, b: &Self::Set, k: usize, absorb: Option<&mut Self::Buf>) -> Result<()>;
+    fn send_set(&mut self, comm: &mut dyn Communicator, to: usize, set: &Self::Set, k: usize) -> Result<()>;
+    fn recv_set(&mut self, comm: &mut dyn Communicator, from: usize, k: usize) -> Result<Self::Set>;
+    fn broadcast_set(&mut self, comm: &mut dyn Communicator, root: usize, set: &mut Self::Set, k: usize) -> Result<()>;
+    fn download_set(&self, set: &Self::Set, k: usize) -> Result<SparseSet>;
+    /// `dense[i] += v / divisor` for the set's k pairs.
+    fn scatter_set(&mut self, set: &Self::Set, k: usize, divisor: f32, dense: &mut Self::Buf) -> Result<()>;
+    /// `dense[i] += v / divisor` for every pair from the host (indices unique).
     fn scatter(&mut self, pairs: &SparseSet, divisor: f32, dense: &mut Self::Buf) -> Result<()>;
     /// `grad` summed over every rank, in a fresh buffer.
     fn all_reduce(&mut self, comm: &mut dyn Communicator, grad: &Tensor) -> Result<Self::Buf>;
@@ -52,6 +61,19 @@ pub trait Kernels: Send {
     fn upload(&self, host: &[f32], buf: &mut Self::Buf) -> Result<()>;
     /// Hands a buffer to candle as a 1-D tensor on the model's device, without a copy.
     fn tensor_of(&self, buf: Self::Buf) -> Result<Tensor>;
+}
+
+/// The global set of a sparse step, where the exchange left it.
+enum Global<S> {
+    Host(SparseSet),
+    Device(S),
+}
+
+/// What a sparse step's exchange leaves: the global set and, when the delta is measured, this
+/// rank's accumulator.
+struct Exchanged<S> {
+    global: Global<S>,
+    acc: Option<Vec<f32>>,
 }
 
 /// What of `cfg` the device engine does not do (None: all of it).
@@ -121,33 +143,42 @@ impl<K: Kernels> DeviceEngine<K> {
         self.layout.d()
     }
 
-    /// Top-k or gTop-k: selection on the device, the exchange of the k pairs on the host, the
-    /// residual's corrections scattered back. Returns the global sum (not yet divided) and, when
-    /// asked, the accumulator for the delta measurement.
+    /// Top-k or gTop-k: selection on the device, then the exchange. The gTop-k tree keeps the sets
+    /// on the device (merges there, pairs sent from device memory: NCCL moves them GPU to GPU);
+    /// top-k's all-gather and recursive doubling exchange them through the host. Returns the global
+    /// sum (not yet divided) and, when asked, the accumulator for the delta measurement.
     fn sparse(
         &mut self,
         comm: &mut dyn Communicator,
         grad: &Tensor,
         k: usize,
         want_acc: bool,
-    ) -> Result<(SparseSet, Option<Vec<f32>>)> {
+    ) -> Result<Exchanged<K::Set>> {
         let d = self.d();
         let residual = self.residual.as_mut().context("a sparse method keeps a residual")?;
-        let mine = self
+        let set = self
             .kernels
             .accumulate_select(residual, grad, k)
             .context("accumulating the gradient into the residual")?;
-        // The accumulator is what the residual holds now plus what was taken out of it.
-        let acc = if want_acc {
-            let mut a = self.kernels.download(residual)?;
-            mine.scatter_add(&mut a);
-            Some(a)
+        let on_host = self.cfg.method == Method::Topk || self.cfg.gtopk == GtopkAlgo::RecursiveDoubling;
+        let origin_index = self.cfg.residual_policy == ResidualPolicy::OriginIndex;
+        let mine = if want_acc || on_host || origin_index {
+            Some(self.kernels.download_set(&set, k)?)
         } else {
             None
         };
+        // The accumulator is what the residual holds now plus what was taken out of it.
+        let acc = match (&mine, want_acc) {
+            (Some(m), true) => {
+                let mut a = self.kernels.download(residual)?;
+                m.scatter_add(&mut a);
+                Some(a)
+            }
+            _ => None,
+        };
         let ks = [k];
-        let global = match self.cfg.method {
-            Method::Topk => {
+        let global = match (self.cfg.method, mine) {
+            (Method::Topk, Some(mine)) => {
                 let wire = self.cfg.wire;
                 let pieces = comm.all_gather(&wire.encode(&mine))?;
                 let sets = pieces
@@ -159,27 +190,73 @@ impl<K: Kernels> DeviceEngine<K> {
                             .with_context(|| format!("top-k all-gather: set of rank {r}"))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                SparseSet::sum_in_order(&sets)
+                let global = Global::Host(SparseSet::sum_in_order(&sets));
+                return Ok(Exchanged { global, acc });
             }
-            Method::Gtopk => {
+            (Method::Gtopk, mine) if on_host => {
+                let mine = mine.context("downloaded above")?;
                 let red = gtopk_reduce(comm, self.cfg.gtopk, mine.clone(), &self.layout, &ks, self.cfg.wire)?;
-                let back = match self.cfg.residual_policy {
+                let back = if origin_index {
+                    not_in(&mine, &red.global)?
+                } else {
                     // What this rank's merges dropped goes back into its residual.
-                    ResidualPolicy::Conserve => SparseSet::sum_pairs(red.absorb.iter().copied()),
-                    // The authors' rule: only what made it into the global set leaves the residual.
-                    ResidualPolicy::OriginIndex => {
-                        let (idx, val): (Vec<u32>, Vec<f32>) =
-                            mine.iter().filter(|&(i, _)| !red.global.contains(i)).unzip();
-                        SparseSet::new(idx, val)?
-                    }
+                    SparseSet::sum_pairs(red.absorb.iter().copied())
                 };
                 self.kernels.scatter(&back, 1.0, residual)?;
-                red.global
+                Global::Host(red.global)
             }
-            Method::Dense | Method::Randomk => bail!("the sparse step is for top-k and gTop-k"),
+            (Method::Gtopk, mine) => {
+                let global = self.tree(comm, set, k)?;
+                if let Some(mine) = mine.filter(|_| origin_index) {
+                    let back = not_in(&mine, &self.kernels.download_set(&global, k)?)?;
+                    let residual = self.residual.as_mut().context("a sparse method keeps a residual")?;
+                    self.kernels.scatter(&back, 1.0, residual)?;
+                }
+                Global::Device(global)
+            }
+            _ => bail!("the sparse step is for top-k and gTop-k"),
         };
-        Ok((global, acc))
+        Ok(Exchanged { global, acc })
     }
+
+    /// gTop-k's binomial tree (`sparse::tree_schedule`, the twin of `sparse::gtopk_reduce`'s) on
+    /// device sets: a receiver merges and, under `conserve`, takes the dropped pairs into its
+    /// residual; rank 0 broadcasts the global set.
+    fn tree(&mut self, comm: &mut dyn Communicator, mut set: K::Set, k: usize) -> Result<K::Set> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let conserve = self.cfg.residual_policy == ResidualPolicy::Conserve;
+        'rounds: for (r, round) in tree_schedule(world).iter().enumerate() {
+            for &(from, to) in round {
+                if from == rank {
+                    self.kernels
+                        .send_set(comm, to, &set, k)
+                        .with_context(|| format!("gtop-k tree round {r}"))?;
+                    break 'rounds;
+                }
+                if to == rank {
+                    let other = self
+                        .kernels
+                        .recv_set(comm, from, k)
+                        .with_context(|| format!("gtop-k tree round {r}"))?;
+                    let absorb = if conserve { self.residual.as_mut() } else { None };
+                    self.kernels.merge_into(&mut set, &other, k, absorb)?;
+                }
+            }
+        }
+        if world > 1 {
+            self.kernels
+                .broadcast_set(comm, 0, &mut set, k)
+                .context("gtop-k tree: broadcast of the global set")?;
+        }
+        Ok(set)
+    }
+}
+
+/// The authors' `origin-index` rule: of this rank's sent pairs, those not in the global set go back
+/// into its residual.
+fn not_in(mine: &SparseSet, global: &SparseSet) -> Result<SparseSet> {
+    let (idx, val): (Vec<u32>, Vec<f32>) = mine.iter().filter(|&(i, _)| !global.contains(i)).unzip();
+    SparseSet::new(idx, val)
 }
 
 impl<K: Kernels> Engine for DeviceEngine<K> {
@@ -217,12 +294,16 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
             }
             _ => {
                 let k = self.layout.ks(density)?[0];
-                let (global, acc) = self.sparse(&mut timed, &grad, k, opts.measure_delta)?;
+                let Exchanged { global, acc } = self.sparse(&mut timed, &grad, k, opts.measure_delta)?;
                 // The update is global / P at the global set's indices and zero elsewhere.
-                self.update_finite = global.val().iter().all(|v| v.is_finite());
                 let mut sum = self.kernels.zeros(d)?;
-                self.kernels.scatter(&global, world as f32, &mut sum)?;
-                (self.kernels.tensor_of(sum)?, k, acc)
+                match &global {
+                    Global::Host(g) => self.kernels.scatter(g, world as f32, &mut sum)?,
+                    Global::Device(g) => self.kernels.scatter_set(g, k, world as f32, &mut sum)?,
+                }
+                let update = self.kernels.tensor_of(sum)?;
+                self.update_finite = all_finite(&update)?;
+                (update, k, acc)
             }
         };
         let mut report = StepReport {
