@@ -134,6 +134,23 @@ pub trait Communicator: Send {
         bytes_to_device_pairs(&msg, pairs, n, stream).with_context(|| format!("pairs received from rank {from}"))
     }
 
+    /// Sends this rank's `n` device pairs to `peer` and receives `peer`'s `n` into `theirs`, both
+    /// at once (recursive doubling); as `exchange`, a backend whose send waits for the receiver
+    /// must pair them.
+    #[cfg(feature = "cuda")]
+    fn exchange_pairs_device(
+        &mut self,
+        peer: usize,
+        mine: (&cudarc::driver::CudaSlice<u32>, &cudarc::driver::CudaSlice<f32>),
+        theirs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        let msg = device_pairs_to_bytes(mine, n, stream)?;
+        let got = self.exchange(peer, &msg)?;
+        bytes_to_device_pairs(&got, theirs, n, stream).with_context(|| format!("pairs received from rank {peer}"))
+    }
+
     /// `root`'s first `n` pairs replace everyone's, in device memory.
     #[cfg(feature = "cuda")]
     fn broadcast_pairs_device(

@@ -914,6 +914,65 @@ mod device {
             Ok(())
         }
 
+        fn exchange_pairs_device(
+            &mut self,
+            peer: usize,
+            (idx, val): (&CudaSlice<u32>, &CudaSlice<f32>),
+            (their_idx, their_val): (&mut CudaSlice<u32>, &mut CudaSlice<f32>),
+            n: usize,
+            stream: &Arc<CudaStream>,
+        ) -> Result<()> {
+            let op = Op {
+                name: "exchange",
+                with: With::Rank(peer),
+            };
+            self.usable(op)?;
+            self.peer_check(peer)?;
+            self.same_device(op, stream)?;
+            ensure!(
+                n <= idx.len() && n <= val.len() && n <= their_idx.len() && n <= their_val.len(),
+                "{n} pairs exchanged through sets of {} and {}",
+                idx.len(),
+                their_idx.len()
+            );
+            if n > 0 {
+                let (ip, _wi) = their_idx.device_ptr_mut(stream);
+                let (vp, _wv) = their_val.device_ptr_mut(stream);
+                let (ty_i, ty_v) = (ncclDataType_t::ncclUint32, ncclDataType_t::ncclFloat32);
+                // One group: each side's send waits for the other's receive.
+                let calls = [
+                    Call::Send {
+                        buf: ptr(idx, stream),
+                        count: n,
+                        ty: ty_i,
+                        peer,
+                    },
+                    Call::Send {
+                        buf: ptr(val, stream),
+                        count: n,
+                        ty: ty_v,
+                        peer,
+                    },
+                    Call::Recv {
+                        buf: ip,
+                        count: n,
+                        ty: ty_i,
+                        peer,
+                    },
+                    Call::Recv {
+                        buf: vp,
+                        count: n,
+                        ty: ty_v,
+                        peer,
+                    },
+                ];
+                self.run(op, stream, &calls)?;
+            }
+            self.traffic.sent += 8 * n as u64;
+            self.traffic.recv += 8 * n as u64;
+            Ok(())
+        }
+
         fn broadcast_pairs_device(
             &mut self,
             root: usize,

@@ -96,6 +96,20 @@ impl Communicator for Timed<'_> {
     }
 
     #[cfg(feature = "cuda")]
+    fn exchange_pairs_device(
+        &mut self,
+        peer: usize,
+        mine: (&cudarc::driver::CudaSlice<u32>, &cudarc::driver::CudaSlice<f32>),
+        theirs: (&mut cudarc::driver::CudaSlice<u32>, &mut cudarc::driver::CudaSlice<f32>),
+        n: usize,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<()> {
+        self.timed("comm.exchange", |c| {
+            c.exchange_pairs_device(peer, mine, theirs, n, stream)
+        })
+    }
+
+    #[cfg(feature = "cuda")]
     fn broadcast_pairs_device(
         &mut self,
         root: usize,

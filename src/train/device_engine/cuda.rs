@@ -143,6 +143,25 @@ impl Kernels for CudaKernels {
         Ok(set)
     }
 
+    fn exchange_set(
+        &mut self,
+        comm: &mut dyn Communicator,
+        peer: usize,
+        set: &DeviceSet,
+        k: usize,
+    ) -> Result<DeviceSet> {
+        let stream = self.stream();
+        let mut theirs = DeviceSet::with_capacity(&stream, k)?;
+        comm.exchange_pairs_device(
+            peer,
+            (&set.idx, &set.val),
+            (&mut theirs.idx, &mut theirs.val),
+            k,
+            &stream,
+        )?;
+        Ok(theirs)
+    }
+
     fn broadcast_set(&mut self, comm: &mut dyn Communicator, root: usize, set: &mut DeviceSet, k: usize) -> Result<()> {
         comm.broadcast_pairs_device(root, (&mut set.idx, &mut set.val), k, &self.stream())
     }

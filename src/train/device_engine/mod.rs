@@ -27,8 +27,8 @@ use crate::config::Config;
 use crate::models::Model;
 use crate::rng::Rng;
 use crate::sparse::{
-    delta_expected, delta_sampled, gtopk_reduce, tree_schedule, CompressorConfig, GtopkAlgo, Layout, Method,
-    ResidualPolicy, Scope, SparseSet, StepOptions, StepReport,
+    delta_expected, delta_sampled, group_leader, recursive_doubling_schedule, tree_schedule, CompressorConfig,
+    GtopkAlgo, Layout, Method, ResidualPolicy, Scope, SparseSet, StepOptions, StepReport,
 };
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::backprop::GradStore;
@@ -49,6 +49,14 @@ pub trait Kernels: Send {
     fn merge_into(&mut self, a: &mut Self::Set, b: &Self::Set, k: usize, absorb: Option<&mut Self::Buf>) -> Result<()>;
     fn send_set(&mut self, comm: &mut dyn Communicator, to: usize, set: &Self::Set, k: usize) -> Result<()>;
     fn recv_set(&mut self, comm: &mut dyn Communicator, from: usize, k: usize) -> Result<Self::Set>;
+    /// Sends `set` to `peer` and returns `peer`'s, both at once.
+    fn exchange_set(
+        &mut self,
+        comm: &mut dyn Communicator,
+        peer: usize,
+        set: &Self::Set,
+        k: usize,
+    ) -> Result<Self::Set>;
     fn broadcast_set(&mut self, comm: &mut dyn Communicator, root: usize, set: &mut Self::Set, k: usize) -> Result<()>;
     fn download_set(&self, set: &Self::Set, k: usize) -> Result<SparseSet>;
     /// `dense[i] += v / divisor` for the set's k pairs.
@@ -160,9 +168,8 @@ impl<K: Kernels> DeviceEngine<K> {
             .kernels
             .accumulate_select(residual, grad, k)
             .context("accumulating the gradient into the residual")?;
-        let on_host = self.cfg.method == Method::Topk || self.cfg.gtopk == GtopkAlgo::RecursiveDoubling;
         let origin_index = self.cfg.residual_policy == ResidualPolicy::OriginIndex;
-        let mine = if want_acc || on_host || origin_index {
+        let mine = if want_acc || self.cfg.method == Method::Topk || origin_index {
             Some(self.kernels.download_set(&set, k)?)
         } else {
             None
@@ -176,10 +183,10 @@ impl<K: Kernels> DeviceEngine<K> {
             }
             _ => None,
         };
-        let ks = [k];
         let global = match (self.cfg.method, mine) {
             (Method::Topk, Some(mine)) => {
                 let wire = self.cfg.wire;
+                let ks = [k];
                 let pieces = comm.all_gather(&wire.encode(&mine))?;
                 let sets = pieces
                     .iter()
@@ -190,23 +197,13 @@ impl<K: Kernels> DeviceEngine<K> {
                             .with_context(|| format!("top-k all-gather: set of rank {r}"))
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let global = Global::Host(SparseSet::sum_in_order(&sets));
-                return Ok(Exchanged { global, acc });
-            }
-            (Method::Gtopk, mine) if on_host => {
-                let mine = mine.context("downloaded above")?;
-                let red = gtopk_reduce(comm, self.cfg.gtopk, mine.clone(), &self.layout, &ks, self.cfg.wire)?;
-                let back = if origin_index {
-                    not_in(&mine, &red.global)?
-                } else {
-                    // What this rank's merges dropped goes back into its residual.
-                    SparseSet::sum_pairs(red.absorb.iter().copied())
-                };
-                self.kernels.scatter(&back, 1.0, residual)?;
-                Global::Host(red.global)
+                Global::Host(SparseSet::sum_in_order(&sets))
             }
             (Method::Gtopk, mine) => {
-                let global = self.tree(comm, set, k)?;
+                let global = match self.cfg.gtopk {
+                    GtopkAlgo::Tree => self.tree(comm, set, k)?,
+                    GtopkAlgo::RecursiveDoubling => self.recursive_doubling(comm, set, k)?,
+                };
                 if let Some(mine) = mine.filter(|_| origin_index) {
                     let back = not_in(&mine, &self.kernels.download_set(&global, k)?)?;
                     let residual = self.residual.as_mut().context("a sparse method keeps a residual")?;
@@ -219,12 +216,21 @@ impl<K: Kernels> DeviceEngine<K> {
         Ok(Exchanged { global, acc })
     }
 
-    /// gTop-k's binomial tree (`sparse::tree_schedule`, the twin of `sparse::gtopk_reduce`'s) on
-    /// device sets: a receiver merges and, under `conserve`, takes the dropped pairs into its
-    /// residual; rank 0 broadcasts the global set.
+    /// Merges `other` into `set`; `absorb`: this rank keeps the dropped pairs (under `conserve`).
+    fn merge(&mut self, set: &mut K::Set, other: &K::Set, k: usize, absorb: bool) -> Result<()> {
+        let conserve = self.cfg.residual_policy == ResidualPolicy::Conserve;
+        let residual = if absorb && conserve {
+            self.residual.as_mut()
+        } else {
+            None
+        };
+        self.kernels.merge_into(set, other, k, residual)
+    }
+
+    /// gTop-k's binomial tree (`sparse::tree_schedule`, as `sparse::gtopk_reduce`) on device sets:
+    /// a receiver merges and keeps the dropped pairs; rank 0 broadcasts the global set.
     fn tree(&mut self, comm: &mut dyn Communicator, mut set: K::Set, k: usize) -> Result<K::Set> {
         let (rank, world) = (comm.rank(), comm.world_size());
-        let conserve = self.cfg.residual_policy == ResidualPolicy::Conserve;
         'rounds: for (r, round) in tree_schedule(world).iter().enumerate() {
             for &(from, to) in round {
                 if from == rank {
@@ -238,8 +244,7 @@ impl<K: Kernels> DeviceEngine<K> {
                         .kernels
                         .recv_set(comm, from, k)
                         .with_context(|| format!("gtop-k tree round {r}"))?;
-                    let absorb = if conserve { self.residual.as_mut() } else { None };
-                    self.kernels.merge_into(&mut set, &other, k, absorb)?;
+                    self.merge(&mut set, &other, k, true)?;
                 }
             }
         }
@@ -247,6 +252,46 @@ impl<K: Kernels> DeviceEngine<K> {
             self.kernels
                 .broadcast_set(comm, 0, &mut set, k)
                 .context("gtop-k tree: broadcast of the global set")?;
+        }
+        Ok(set)
+    }
+
+    /// Recursive doubling (`sparse::recursive_doubling_schedule`, as `sparse::gtopk_reduce`) on
+    /// device sets: ranks past the largest power of two fold in first and get the result last;
+    /// in each round both peers merge alike, so only the group's lowest rank keeps the dropped
+    /// pairs (`group_leader`).
+    fn recursive_doubling(&mut self, comm: &mut dyn Communicator, mut set: K::Set, k: usize) -> Result<K::Set> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let s = recursive_doubling_schedule(world);
+        if rank >= s.core {
+            let partner = rank - s.core;
+            self.kernels
+                .send_set(comm, partner, &set, k)
+                .context("gtop-k recursive doubling: pre-fold")?;
+            return self
+                .kernels
+                .recv_set(comm, partner, k)
+                .context("gtop-k recursive doubling: final set");
+        }
+        if rank + s.core < world {
+            let other = self
+                .kernels
+                .recv_set(comm, rank + s.core, k)
+                .context("gtop-k recursive doubling: pre-fold")?;
+            self.merge(&mut set, &other, k, true)?;
+        }
+        for r in 0..s.rounds.len() as u32 {
+            let peer = rank ^ (1 << r);
+            let other = self
+                .kernels
+                .exchange_set(comm, peer, &set, k)
+                .with_context(|| format!("gtop-k recursive doubling round {r}"))?;
+            self.merge(&mut set, &other, k, group_leader(rank, r + 1) == rank)?;
+        }
+        if rank + s.core < world {
+            self.kernels
+                .send_set(comm, rank + s.core, &set, k)
+                .context("gtop-k recursive doubling: post-fold")?;
         }
         Ok(set)
     }
