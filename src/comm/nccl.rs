@@ -228,6 +228,41 @@ mod device {
         },
     }
 
+    #[derive(Clone, Copy)]
+    enum Dir {
+        Send,
+        Recv,
+        Broadcast(usize),
+    }
+
+    /// The two calls that move n pairs (an index array and a value array, device pointers).
+    fn pair_calls(dir: Dir, peer: usize, (idx, val): (u64, u64), n: usize) -> [Call; 2] {
+        let one = |buf, ty| match dir {
+            Dir::Send => Call::Send {
+                buf,
+                count: n,
+                ty,
+                peer,
+            },
+            Dir::Recv => Call::Recv {
+                buf,
+                count: n,
+                ty,
+                peer,
+            },
+            Dir::Broadcast(root) => Call::Broadcast {
+                buf,
+                count: n,
+                ty,
+                root,
+            },
+        };
+        [
+            one(idx, ncclDataType_t::ncclUint32),
+            one(val, ncclDataType_t::ncclFloat32),
+        ]
+    }
+
     /// # Safety
     /// The pointers are live device buffers of the communicator's device, large enough for `count`.
     unsafe fn issue(call: &Call, comm: ncclComm_t, stream: sys::cudaStream_t) -> ncclResult_t {
@@ -422,6 +457,30 @@ mod device {
             }
             self.stream.context().bind_to_thread()?;
             Ok(())
+        }
+
+        /// The checks every device-pair call makes; `peer` None: all ranks take part.
+        fn pairs_op(
+            &self,
+            name: &'static str,
+            peer: Option<usize>,
+            stream: &CudaStream,
+            n: usize,
+            lens: &[usize],
+        ) -> Result<Op> {
+            let with = peer.map_or(With::All(self.world), With::Rank);
+            let op = Op { name, with };
+            self.usable(op)?;
+            if let Some(p) = peer {
+                self.peer_check(p)?;
+            }
+            self.same_device(op, stream)?;
+            ensure!(
+                lens.iter().all(|&l| n <= l),
+                "rank {}: NCCL {op} of {n} pairs with device arrays of {lens:?}",
+                self.rank
+            );
+            Ok(op)
         }
 
         /// Device buffers of the caller must live on this communicator's GPU.
@@ -839,34 +898,13 @@ mod device {
             n: usize,
             stream: &Arc<CudaStream>,
         ) -> Result<()> {
-            let op = Op {
-                name: "send",
-                with: With::Rank(to),
-            };
-            self.usable(op)?;
-            self.peer_check(to)?;
-            self.same_device(op, stream)?;
-            ensure!(
-                n <= idx.len() && n <= val.len(),
-                "{n} pairs asked of a set of {}",
-                idx.len()
-            );
+            let op = self.pairs_op("send", Some(to), stream, n, &[idx.len(), val.len()])?;
             if n > 0 {
-                let calls = [
-                    Call::Send {
-                        buf: ptr(idx, stream),
-                        count: n,
-                        ty: ncclDataType_t::ncclUint32,
-                        peer: to,
-                    },
-                    Call::Send {
-                        buf: ptr(val, stream),
-                        count: n,
-                        ty: ncclDataType_t::ncclFloat32,
-                        peer: to,
-                    },
-                ];
-                self.run(op, stream, &calls)?;
+                self.run(
+                    op,
+                    stream,
+                    &pair_calls(Dir::Send, to, (ptr(idx, stream), ptr(val, stream)), n),
+                )?;
             }
             self.traffic.sent += 8 * n as u64;
             Ok(())
@@ -879,36 +917,11 @@ mod device {
             n: usize,
             stream: &Arc<CudaStream>,
         ) -> Result<()> {
-            let op = Op {
-                name: "recv",
-                with: With::Rank(from),
-            };
-            self.usable(op)?;
-            self.peer_check(from)?;
-            self.same_device(op, stream)?;
-            ensure!(
-                n <= idx.len() && n <= val.len(),
-                "{n} pairs into a set of {}",
-                idx.len()
-            );
+            let op = self.pairs_op("recv", Some(from), stream, n, &[idx.len(), val.len()])?;
             if n > 0 {
                 let (ip, _wi) = idx.device_ptr_mut(stream);
                 let (vp, _wv) = val.device_ptr_mut(stream);
-                let calls = [
-                    Call::Recv {
-                        buf: ip,
-                        count: n,
-                        ty: ncclDataType_t::ncclUint32,
-                        peer: from,
-                    },
-                    Call::Recv {
-                        buf: vp,
-                        count: n,
-                        ty: ncclDataType_t::ncclFloat32,
-                        peer: from,
-                    },
-                ];
-                self.run(op, stream, &calls)?;
+                self.run(op, stream, &pair_calls(Dir::Recv, from, (ip, vp), n))?;
             }
             self.traffic.recv += 8 * n as u64;
             Ok(())
@@ -922,51 +935,15 @@ mod device {
             n: usize,
             stream: &Arc<CudaStream>,
         ) -> Result<()> {
-            let op = Op {
-                name: "exchange",
-                with: With::Rank(peer),
-            };
-            self.usable(op)?;
-            self.peer_check(peer)?;
-            self.same_device(op, stream)?;
-            ensure!(
-                n <= idx.len() && n <= val.len() && n <= their_idx.len() && n <= their_val.len(),
-                "{n} pairs exchanged through sets of {} and {}",
-                idx.len(),
-                their_idx.len()
-            );
+            let lens = [idx.len(), val.len(), their_idx.len(), their_val.len()];
+            let op = self.pairs_op("exchange", Some(peer), stream, n, &lens)?;
             if n > 0 {
                 let (ip, _wi) = their_idx.device_ptr_mut(stream);
                 let (vp, _wv) = their_val.device_ptr_mut(stream);
-                let (ty_i, ty_v) = (ncclDataType_t::ncclUint32, ncclDataType_t::ncclFloat32);
+                let [s0, s1] = pair_calls(Dir::Send, peer, (ptr(idx, stream), ptr(val, stream)), n);
+                let [r0, r1] = pair_calls(Dir::Recv, peer, (ip, vp), n);
                 // One group: each side's send waits for the other's receive.
-                let calls = [
-                    Call::Send {
-                        buf: ptr(idx, stream),
-                        count: n,
-                        ty: ty_i,
-                        peer,
-                    },
-                    Call::Send {
-                        buf: ptr(val, stream),
-                        count: n,
-                        ty: ty_v,
-                        peer,
-                    },
-                    Call::Recv {
-                        buf: ip,
-                        count: n,
-                        ty: ty_i,
-                        peer,
-                    },
-                    Call::Recv {
-                        buf: vp,
-                        count: n,
-                        ty: ty_v,
-                        peer,
-                    },
-                ];
-                self.run(op, stream, &calls)?;
+                self.run(op, stream, &[s0, s1, r0, r1])?;
             }
             self.traffic.sent += 8 * n as u64;
             self.traffic.recv += 8 * n as u64;
@@ -980,38 +957,18 @@ mod device {
             n: usize,
             stream: &Arc<CudaStream>,
         ) -> Result<()> {
-            let op = Op {
-                name: "broadcast",
-                with: With::All(self.world),
-            };
-            self.usable(op)?;
             ensure!(
                 root < self.world,
                 "broadcast root {root} outside a world of {}",
                 self.world
             );
-            self.same_device(op, stream)?;
-            ensure!(n <= idx.len() && n <= val.len(), "{n} pairs in a set of {}", idx.len());
+            let op = self.pairs_op("broadcast", None, stream, n, &[idx.len(), val.len()])?;
             if self.world == 1 || n == 0 {
                 return Ok(());
             }
             let (ip, _wi) = idx.device_ptr_mut(stream);
             let (vp, _wv) = val.device_ptr_mut(stream);
-            let calls = [
-                Call::Broadcast {
-                    buf: ip,
-                    count: n,
-                    ty: ncclDataType_t::ncclUint32,
-                    root,
-                },
-                Call::Broadcast {
-                    buf: vp,
-                    count: n,
-                    ty: ncclDataType_t::ncclFloat32,
-                    root,
-                },
-            ];
-            self.run(op, stream, &calls)?;
+            self.run(op, stream, &pair_calls(Dir::Broadcast(root), root, (ip, vp), n))?;
             self.traffic += tree_broadcast_traffic(self.world, root, self.rank, 8 * n);
             Ok(())
         }
