@@ -151,10 +151,10 @@ impl<K: Kernels> DeviceEngine<K> {
         self.layout.d()
     }
 
-    /// Top-k or gTop-k: selection on the device, then the exchange. The gTop-k tree keeps the sets
-    /// on the device (merges there, pairs sent from device memory: NCCL moves them GPU to GPU);
-    /// top-k's all-gather and recursive doubling exchange them through the host. Returns the global
-    /// sum (not yet divided) and, when asked, the accumulator for the delta measurement.
+    /// Top-k or gTop-k: selection on the device, then the exchange. gTop-k keeps the sets on the
+    /// device (merges there, pairs sent from device memory: NCCL moves them GPU to GPU); top-k's
+    /// all-gather goes through the host. Returns the global sum (not yet divided) and, when asked,
+    /// the accumulator for the delta measurement.
     fn sparse(
         &mut self,
         comm: &mut dyn Communicator,
