@@ -5,7 +5,8 @@
 #   2. checks every kernel against its CPU twin and times it (gtopk gpu-check);
 #   3. times torch.topk on the same vectors (scripts/torch_topk.py);
 #   4. trains ResNet-20 and VGG-16 on the synthetic set, 4 workers on one GPU with gTop-k on the
-#      device engine, ResNet-20 once more on the host engine (the reference), and the same model,
+#      device engine, ResNet-20 again on the host engine (the reference) and with recursive
+#      doubling, and the same model,
 #      batch and workers in PyTorch eager (scripts/torch_step.py), summarised by
 #      scripts/summarize_run.py (loss going down, samples/s, the step split);
 # and writes everything into RESULTS_DIR. Exits non-zero when any step failed.
@@ -97,6 +98,9 @@ done
 train_run resnet20 "$steps_r" 240
 train_once resnet20 resnet20-host "$steps_r" 240 --set debug.host_engine=true
 step summary-resnet20-host 30 python3 scripts/summarize_run.py "$out/runs/resnet20-host" --out "$out/training.md"
+# Recursive doubling's exchanges on the device engine (4 workers: two rounds, no pre-fold).
+train_once resnet20 resnet20-rd "$steps_v" 180 --set 'sparse.gtopk="recursive-doubling"'
+step summary-resnet20-rd 30 python3 scripts/summarize_run.py "$out/runs/resnet20-rd" --out "$out/training.md"
 train_run vgg16 "$steps_v" 300
 
 if [[ ${#failed[@]} -gt 0 ]]; then
