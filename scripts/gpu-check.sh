@@ -6,9 +6,8 @@
 #   3. times torch.topk on the same vectors (scripts/torch_topk.py);
 #   4. trains ResNet-20 and VGG-16 on the synthetic set, 4 workers on one GPU with gTop-k on the
 #      device engine, ResNet-20 again on the host engine (the reference) and with recursive
-#      doubling, and the same model,
-#      batch and workers in PyTorch eager (scripts/torch_step.py), summarised by
-#      scripts/summarize_run.py (loss going down, samples/s, the step split);
+#      doubling, and the same model, batch and workers in PyTorch eager (scripts/torch_step.py),
+#      summarised by scripts/summarize_run.py (loss going down, samples/s, the step split);
 # and writes everything into RESULTS_DIR. Exits non-zero when any step failed.
 #
 #   scripts/gpu-check.sh RESULTS_DIR [GTOPK_BINARY]     (binary default: dist/gpu/gtopk)
