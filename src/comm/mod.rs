@@ -172,14 +172,6 @@ pub trait Communicator: Send {
         }
         Ok(())
     }
-
-    /// Whether device buffers travel without a copy through the host (NCCL: `all_reduce_sum_device`
-    /// reduces in place on the GPU). When false, a caller with data on the host should use the
-    /// host calls rather than upload it for `all_reduce_sum_device`, which would copy it back.
-    #[cfg(feature = "cuda")]
-    fn device_native(&self) -> bool {
-        false
-    }
 }
 
 /// `n` device pairs as the f32 wire format (indices, then values, little-endian).

@@ -972,10 +972,6 @@ mod device {
             self.traffic += tree_broadcast_traffic(self.world, root, self.rank, 8 * n);
             Ok(())
         }
-
-        fn device_native(&self) -> bool {
-            true
-        }
     }
 
     impl Drop for NcclComm {

@@ -119,11 +119,6 @@ impl Communicator for Timed<'_> {
     ) -> Result<()> {
         self.timed("comm.broadcast", |c| c.broadcast_pairs_device(root, pairs, n, stream))
     }
-
-    #[cfg(feature = "cuda")]
-    fn device_native(&self) -> bool {
-        self.inner.device_native()
-    }
 }
 
 #[cfg(test)]

@@ -98,14 +98,8 @@ impl SparseSet {
     /// at the touched indices, in O(total pairs) memory instead of O(d). Zero sums are kept, so the
     /// result says which indices were touched.
     pub fn sum_in_order(sets: &[SparseSet]) -> SparseSet {
-        Self::sum_pairs(sets.iter().flat_map(|s| s.iter()))
-    }
-
-    /// Pairs whose indices may repeat, as one set: each index's values summed in the order given,
-    /// from +0.0 (as `dense[i] += v` one pair after another into zeros).
-    pub fn sum_pairs(pairs: impl IntoIterator<Item = (u32, f32)>) -> SparseSet {
-        let mut pairs: Vec<(u32, f32)> = pairs.into_iter().collect();
-        // Stable: each index's values keep their order.
+        let mut pairs: Vec<(u32, f32)> = sets.iter().flat_map(|s| s.iter()).collect();
+        // Stable: each index's values keep their list order.
         pairs.sort_by_key(|&(i, _)| i);
         let mut out = SparseSet::empty();
         for (i, v) in pairs {
