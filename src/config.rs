@@ -27,6 +27,8 @@ pub struct Config {
     #[serde(default)]
     pub sparse: SparseConfig,
     #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
     pub debug: DebugConfig,
 }
 
@@ -435,6 +437,51 @@ impl Default for SparseConfig {
     }
 }
 
+/// How a language model's test split is scored (the trainer's evaluations and `gtopk eval`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PtbProtocol {
+    /// The authors': every `data.seq_len`-token window on its own, from a zero state.
+    #[default]
+    Windows,
+    /// PyTorch's word_language_model: the test stream cut into `eval.ptb_columns` columns, each
+    /// read window after window with the hidden state carried across windows.
+    Stream,
+}
+
+impl PtbProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Windows => "windows",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// "windows" (the authors') or "stream" (PyTorch's word_language_model).
+    #[serde(default)]
+    pub ptb_protocol: PtbProtocol,
+    /// The stream protocol's columns (word_language_model's eval_batch_size, 10).
+    #[serde(default = "default_ptb_columns")]
+    pub ptb_columns: usize,
+}
+
+fn default_ptb_columns() -> usize {
+    10
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            ptb_protocol: PtbProtocol::default(),
+            ptb_columns: default_ptb_columns(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DebugConfig {
@@ -592,6 +639,9 @@ impl Config {
                 "model.arch = {arch:?} does not fit data.source = {src:?}: resnet20 and vgg16 take cifar10 or \
                  synthetic, lstm-ptb takes ptb or synthetic-text, lstm-an4 takes an4 or synthetic-audio"
             ));
+        }
+        if self.eval.ptb_columns == 0 {
+            errs.push("eval.ptb_columns = 0: must be at least 1".into());
         }
         if src.is_text() && self.data.seq_len == 0 {
             errs.push("data.seq_len = 0: must be at least 1".into());

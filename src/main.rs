@@ -44,7 +44,8 @@ enum Command {
         #[command(flatten)]
         launch: LaunchArgs,
     },
-    /// Evaluate a saved model on the test split; prints one JSON line {"loss", "accuracy", "samples"}.
+    /// Evaluate a saved model on the test split; prints one JSON line {"loss", "accuracy", "samples"}
+    /// (a language model adds "perplexity" and its eval.ptb_protocol, a speech model "wer", "cer").
     Eval {
         /// The config the model was trained with (model and data sections are used).
         config: PathBuf,
@@ -423,6 +424,7 @@ fn run(cli: Cli) -> Result<()> {
                 "run_dir": opts.run_dir, "steps": s.steps, "wall_s": s.wall_s,
                 "test_loss": test.loss, "test_accuracy": test.accuracy,
                 "test_perplexity": (cfg.model.arch == gtopk::config::Arch::LstmPtb).then(|| test.loss.exp()),
+                "test_protocol": (cfg.model.arch == gtopk::config::Arch::LstmPtb).then(|| cfg.eval.ptb_protocol.name()),
                 "test_wer": test.wer, "test_cer": test.cer,
             });
             if let Some(o) = summary.as_object_mut() {
@@ -437,7 +439,13 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = Config::load(&config, &overrides)?;
             let e = train::evaluate_file(&cfg, &checkpoint)?;
-            println!("{}", serde_json::to_string(&e)?);
+            let mut out = serde_json::to_value(e)?;
+            // A language model: its perplexity (exp of the mean per-token loss) and how it was scored.
+            if let (Some(o), true) = (out.as_object_mut(), cfg.model.arch == gtopk::config::Arch::LstmPtb) {
+                o.insert("perplexity".into(), e.loss.exp().into());
+                o.insert("protocol".into(), cfg.eval.ptb_protocol.name().into());
+            }
+            println!("{out}");
         }
         Command::Bench {
             what: Bench::Select { args },

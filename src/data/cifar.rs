@@ -16,19 +16,33 @@ pub const TRAIN_FILES: [&str; 5] = [
 pub const TEST_FILE: &str = "test_batch.bin";
 
 pub fn load(dir: &Path) -> Result<Splits> {
+    let mut train = ImageSet::default();
+    for f in TRAIN_FILES {
+        read_file(&dir_exists(dir)?.join(f), &mut train)?;
+    }
+    let Splits { test, .. } = load_test(dir)?;
+    Ok(Splits { train, test })
+}
+
+/// The test split alone (`test_batch.bin`), with an empty training split: evaluation reads
+/// nothing else.
+pub fn load_test(dir: &Path) -> Result<Splits> {
+    let mut test = ImageSet::default();
+    read_file(&dir_exists(dir)?.join(TEST_FILE), &mut test)?;
+    Ok(Splits {
+        train: ImageSet::default(),
+        test,
+    })
+}
+
+fn dir_exists(dir: &Path) -> Result<&Path> {
     if !dir.is_dir() {
         bail!(
             "CIFAR-10 directory {} does not exist (scripts/get-data.sh cifar10 fetches it; data.dir points to it)",
             dir.display()
         );
     }
-    let mut train = ImageSet::default();
-    for f in TRAIN_FILES {
-        read_file(&dir.join(f), &mut train)?;
-    }
-    let mut test = ImageSet::default();
-    read_file(&dir.join(TEST_FILE), &mut test)?;
-    Ok(Splits { train, test })
+    Ok(dir)
 }
 
 /// Appends the records of one file to `set`.

@@ -127,6 +127,17 @@ impl<'a> Windows<'a> {
 
 /// Reads `ptb.train.txt`, `ptb.valid.txt` and `ptb.test.txt` from `dir`.
 pub fn load(dir: &Path) -> Result<PtbCorpus> {
+    load_files(dir, &FILES)
+}
+
+/// What evaluation needs: `ptb.test.txt`, and `ptb.train.txt` because the vocabulary (the model's
+/// word ids) is built from it; the validation split is left empty.
+pub fn load_test(dir: &Path) -> Result<PtbCorpus> {
+    load_files(dir, &[FILES[0], FILES[2]])
+}
+
+/// `files`: train, then valid and test (all three), or train and test.
+fn load_files(dir: &Path, files: &[&str]) -> Result<PtbCorpus> {
     if !dir.is_dir() {
         bail!(
             "PTB directory {} does not exist (it should hold {}, {} and {} from Mikolov's simple-examples)",
@@ -136,16 +147,17 @@ pub fn load(dir: &Path) -> Result<PtbCorpus> {
             FILES[2]
         );
     }
-    let texts = FILES
+    let texts = files
         .iter()
         .map(|f| read_text(&dir.join(f)))
         .collect::<Result<Vec<_>>>()?;
-    let paths: Vec<String> = FILES.iter().map(|f| dir.join(f).display().to_string()).collect();
-    from_texts([
-        (paths[0].as_str(), texts[0].as_str()),
-        (paths[1].as_str(), texts[1].as_str()),
-        (paths[2].as_str(), texts[2].as_str()),
-    ])
+    let paths: Vec<String> = files.iter().map(|f| dir.join(f).display().to_string()).collect();
+    let named: Vec<(&str, &str)> = paths
+        .iter()
+        .map(String::as_str)
+        .zip(texts.iter().map(String::as_str))
+        .collect();
+    build(&named)
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -180,6 +192,11 @@ pub fn tokenize(text: &str) -> Vec<(&str, usize)> {
 
 /// Builds the corpus from (name, text) of train, valid and test; `name` is used in errors.
 pub fn from_texts(splits: [(&str, &str); 3]) -> Result<PtbCorpus> {
+    build(&splits)
+}
+
+/// `splits`: train, valid, test; or train, test (valid left empty).
+fn build(splits: &[(&str, &str)]) -> Result<PtbCorpus> {
     let toks: Vec<Vec<(&str, usize)>> = splits.iter().map(|(_, t)| tokenize(t)).collect();
     for ((name, _), t) in splits.iter().zip(&toks) {
         if t.iter().all(|(w, _)| *w == EOS) {
@@ -204,10 +221,11 @@ pub fn from_texts(splits: [(&str, &str); 3]) -> Result<PtbCorpus> {
             })
             .collect()
     };
+    let valid = if splits.len() == 3 { ids(1)? } else { Vec::new() };
     Ok(PtbCorpus {
         train: ids(0)?,
-        valid: ids(1)?,
-        test: ids(2)?,
+        valid,
+        test: ids(splits.len() - 1)?,
         vocab,
     })
 }

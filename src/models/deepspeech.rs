@@ -80,21 +80,35 @@ impl DeepSpeech {
         })
     }
 
-    /// Log-probabilities [T', N, classes] (time-major, for CTC) of spectrograms [N, 1, bins, T].
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// Log-probabilities [T', N, classes] (time-major, for CTC) of spectrograms [N, 1, bins, T],
+    /// utterance n holding `frames[n]` frames and zeros after them. An utterance's valid outputs
+    /// (its first `output_frames(frames[n])`) do not depend on the padding, hence not on what
+    /// else is in its batch: as deepspeech.pytorch's MaskConv, the padded steps are zeroed after
+    /// every conv, BN and activation (a BN shift would otherwise turn zero padding into values the
+    /// next conv reads), and the LSTM outputs are zeroed there before the lookahead convolution
+    /// looks ahead into them. The unidirectional LSTM needs no mask of its own: its valid steps
+    /// never see later ones.
+    pub fn forward(&self, x: &Tensor, frames: &[usize], train: bool) -> Result<Tensor> {
+        let (n, _, _, t_in) = x.dims4()?;
+        if frames.len() != n || frames.iter().any(|&f| f == 0 || f > t_in) {
+            candle_core::bail!("DeepSpeech: frame counts {frames:?} for a batch of {n} x {t_in} frames");
+        }
+        let lengths: Vec<usize> = frames.iter().map(|&f| output_frames(f)).collect();
         // Conv 1: padding (20, 5), stride (2, 2). candle's conv backward assumes both axes leave the
         // same remainder after striding; an even frame count gets one more zero frame, whose extra
         // output frame is dropped again.
-        let frames = x.dim(3)?;
-        let extra = usize::from(frames % 2 == 0);
+        let extra = usize::from(t_in % 2 == 0);
         let x = x.pad_with_zeros(2, 20, 20)?.pad_with_zeros(3, 5, 5 + extra)?;
-        let y = self.conv1.forward(&x)?.narrow(3, 0, output_frames(frames))?;
-        let y = hardtanh(&bn(&self.bn1, &y, train)?)?;
-        // Conv 2: padding (10, 5), stride (2, 1).
+        let y = self.conv1.forward(&x)?.narrow(3, 0, output_frames(t_in))?;
+        let mask = time_mask(&lengths, y.dim(3)?, (n, 1, 1, ()), y.device())?;
+        let y = y.broadcast_mul(&mask)?;
+        let y = hardtanh(&bn(&self.bn1, &y, train)?.broadcast_mul(&mask)?)?;
+        // Conv 2: padding (10, 5), stride (2, 1): the time axis keeps its length.
         let y = y.pad_with_zeros(2, 10, 10)?.pad_with_zeros(3, 5, 5)?;
-        let y = subsample(&self.conv2.forward(&y)?, 2, 1)?;
-        let y = hardtanh(&bn(&self.bn2, &y, train)?)?;
+        let y = subsample(&self.conv2.forward(&y)?, 2, 1)?.broadcast_mul(&mask)?;
+        let y = hardtanh(&bn(&self.bn2, &y, train)?.broadcast_mul(&mask)?)?;
         let (n, c, f, t) = y.dims4()?;
+        let step_mask = time_mask(&lengths, t, (n, t), y.device())?.t()?.reshape((t, n, 1))?;
         // [N, C * F, T] -> [T, N, C * F]
         let mut h = y.reshape((n, c * f, t))?.permute((2, 0, 1))?.contiguous()?;
         for (norm, lstm) in &self.rnns {
@@ -103,7 +117,7 @@ impl DeepSpeech {
                 h = bn(norm, &h.reshape((t * n, d))?, train)?.reshape((t, n, d))?;
             }
             let state = lstm.zero_state(n, h.device())?;
-            h = lstm.forward(&h, &state, None)?.0;
+            h = lstm.forward(&h, &state, None)?.0.broadcast_mul(&step_mask)?;
         }
         let h = hardtanh(&self.lookahead_conv(&h)?)?;
         let d = h.dim(2)?;
@@ -127,6 +141,20 @@ impl DeepSpeech {
     }
 }
 
+/// 1 at time steps t < lengths[n] of row n, 0 after; [N, T] reshaped to `shape`.
+fn time_mask(
+    lengths: &[usize],
+    t: usize,
+    shape: impl candle_core::shape::ShapeWithOneHole,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let m: Vec<f32> = lengths
+        .iter()
+        .flat_map(|&len| (0..t).map(move |i| if i < len { 1.0 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (lengths.len(), t), dev)?.reshape(shape)
+}
+
 /// x[:, :, ::sf, ::st] by a reshape (candle's strided conv is one stride for both axes).
 fn subsample(x: &Tensor, sf: usize, st: usize) -> Result<Tensor> {
     let (n, c, f, t) = x.dims4()?;
@@ -136,4 +164,98 @@ fn subsample(x: &Tensor, sf: usize, st: usize) -> Result<Tensor> {
         .narrow(3, 0, 1)?
         .narrow(5, 0, 1)?
         .reshape((n, c, f2, t2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::ctc::{ctc_loss, greedy_decode, CtcOptions};
+    use crate::rng::Rng;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    /// A tiny model whose BatchNorms shift zero away from zero (as trained ones do), so that
+    /// unmasked padding would leak into the valid frames.
+    fn model() -> DeepSpeech {
+        let vm = VarMap::new();
+        let net = DeepSpeech::new(&Builder::new(&vm, 9, &Device::Cpu), 161, 2, 6, 2, 29).unwrap();
+        let mut rng = Rng::new(4);
+        for (name, v) in vm.data().lock().unwrap().iter() {
+            let n = v.elem_count();
+            let is_bn = ["seq_module.1.", "seq_module.4.", "batch_norm.", "fc.0.module.0."]
+                .iter()
+                .any(|p| name.contains(p));
+            let vals: Vec<f32> = match name.rsplit('.').next() {
+                _ if !is_bn => continue,
+                Some("running_var") => (0..n).map(|_| 0.5 + rng.uniform()).collect(),
+                Some("bias" | "running_mean") => (0..n).map(|_| rng.normal() * 0.5).collect(),
+                _ => continue,
+            };
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        net
+    }
+
+    /// Log-probs, per-utterance CTC losses and greedy transcripts of utterances `feats`
+    /// ([161, frames] each), zero-padded into one batch.
+    fn run(net: &DeepSpeech, feats: &[Vec<f32>], targets: &[Vec<u32>]) -> (Vec<f64>, Vec<Vec<u32>>) {
+        let frames: Vec<usize> = feats.iter().map(|f| f.len() / 161).collect();
+        let max = *frames.iter().max().unwrap();
+        let mut x = vec![0f32; feats.len() * 161 * max];
+        for (n, f) in feats.iter().enumerate() {
+            for bin in 0..161 {
+                let row = &f[bin * frames[n]..(bin + 1) * frames[n]];
+                x[(n * 161 + bin) * max..][..frames[n]].copy_from_slice(row);
+            }
+        }
+        let x = Tensor::from_vec(x, (feats.len(), 1, 161, max), &Device::Cpu).unwrap();
+        let lp = net.forward(&x, &frames, false).unwrap();
+        let (t, n, c) = lp.dims3().unwrap();
+        let host = lp
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let lengths: Vec<usize> = frames.iter().map(|&f| output_frames(f)).collect();
+        let flat: Vec<u32> = targets.concat();
+        let tl: Vec<usize> = targets.iter().map(Vec::len).collect();
+        let out = ctc_loss(&host, t, n, c, &lengths, &flat, &tl, CtcOptions::default()).unwrap();
+        (out.losses, greedy_decode(&host, t, n, c, &lengths, 0).unwrap())
+    }
+
+    /// Each utterance alone and inside a padded batch (odd and even lengths, the longest first
+    /// or not) gives the same loss and the same transcript.
+    #[test]
+    fn padding_changes_no_utterance() {
+        let net = model();
+        let mut rng = Rng::new(8);
+        let lens = [17usize, 30, 24, 9];
+        let feats: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&f| (0..161 * f).map(|_| rng.normal()).collect())
+            .collect();
+        let targets: Vec<Vec<u32>> = vec![vec![3, 5], vec![1, 2, 7], vec![4], vec![9]];
+        let (batch_losses, batch_hyps) = run(&net, &feats, &targets);
+        for k in 0..lens.len() {
+            let (l, h) = run(&net, &feats[k..k + 1], &targets[k..k + 1]);
+            let rel = ((l[0] - batch_losses[k]) / l[0]).abs();
+            assert!(
+                rel < 1e-5,
+                "utterance {k}: alone {} in the batch {}",
+                l[0],
+                batch_losses[k]
+            );
+            assert_eq!(h[0], batch_hyps[k], "utterance {k}'s transcript");
+        }
+        // A batch of two, in the other order, agrees too.
+        let (l, _) = run(
+            &net,
+            &[feats[3].clone(), feats[1].clone()],
+            &[targets[3].clone(), targets[1].clone()],
+        );
+        assert!(((l[0] - batch_losses[3]) / l[0]).abs() < 1e-5 && ((l[1] - batch_losses[1]) / l[1]).abs() < 1e-5);
+    }
 }

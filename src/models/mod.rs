@@ -5,6 +5,8 @@ pub mod builder;
 pub mod ctc;
 pub mod deepspeech;
 pub mod dropout;
+#[cfg(test)]
+mod every_param_tests;
 pub mod layers;
 pub mod lstm;
 pub mod ptb_lm;
@@ -389,7 +391,7 @@ mod tests {
         let m = Model::build(&small, 29, 0, &Device::Cpu).unwrap();
         let x = Tensor::ones((2, 1, 161, 30), DType::F32, &Device::Cpu).unwrap();
         let Net::An4(net) = m.net() else { unreachable!() };
-        let y = net.forward(&x, false).unwrap();
+        let y = net.forward(&x, &[30, 30], false).unwrap();
         assert_eq!(y.dims(), &[deepspeech::output_frames(30), 2, 29]);
     }
 

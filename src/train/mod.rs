@@ -60,6 +60,16 @@ pub struct Summary {
 }
 
 pub fn load_data(cfg: &Config) -> Result<Dataset> {
+    load_splits(cfg, false)
+}
+
+/// What evaluation reads: the test split (and PTB's training text, which defines the
+/// vocabulary); the other splits come back empty.
+pub fn load_test_data(cfg: &Config) -> Result<Dataset> {
+    load_splits(cfg, true)
+}
+
+fn load_splits(cfg: &Config, test_only: bool) -> Result<Dataset> {
     let d = &cfg.data;
     let dir = || {
         d.dir
@@ -75,7 +85,10 @@ pub fn load_data(cfg: &Config) -> Result<Dataset> {
             d.synthetic_side,
             d.synthetic_noise,
         ))),
-        DataSource::Cifar10 => Dataset::Images(Arc::new(cifar::load(dir()?).context("data.dir")?)),
+        DataSource::Cifar10 => {
+            let load = if test_only { cifar::load_test } else { cifar::load };
+            Dataset::Images(Arc::new(load(dir()?).context("data.dir")?))
+        }
         DataSource::SyntheticText => {
             let tokens = |windows: usize| windows * d.seq_len + 1;
             let corpus = synthetic_text::corpus(
@@ -87,7 +100,10 @@ pub fn load_data(cfg: &Config) -> Result<Dataset> {
             );
             Dataset::Text(Arc::new(corpus))
         }
-        DataSource::Ptb => Dataset::Text(Arc::new(ptb::load(dir()?).context("data.dir")?)),
+        DataSource::Ptb => {
+            let load = if test_only { ptb::load_test } else { ptb::load };
+            Dataset::Text(Arc::new(load(dir()?).context("data.dir")?))
+        }
         DataSource::SyntheticAudio => {
             let cfg_audio = synthetic_audio::Config::default();
             Dataset::Audio(Arc::new(AudioSplits {
@@ -99,7 +115,11 @@ pub fn load_data(cfg: &Config) -> Result<Dataset> {
             let dir = dir()?;
             let load = |f: &str| an4::load(&dir.join(f)).context("data.dir");
             Dataset::Audio(Arc::new(AudioSplits {
-                train: load("an4_train_manifest.csv")?,
+                train: if test_only {
+                    an4::An4Set::default()
+                } else {
+                    load("an4_train_manifest.csv")?
+                },
                 test: load("an4_val_manifest.csv")?,
             }))
         }
@@ -410,10 +430,10 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
     } else {
         path.to_path_buf()
     };
-    let data = load_data(cfg)?;
+    let data = load_test_data(cfg)?;
     let model = crate::models::Model::build(&cfg.model, data.outputs(), cfg.seed, &candle_core::Device::Cpu)?;
     model.load(&file)?;
-    let task = task::make(&data, false, cfg.data.seq_len);
+    let task = task::make(&data, false, cfg.data.seq_len, &cfg.eval);
     let idx: Vec<usize> = (0..task.test_len()).collect();
     Ok(EvalStats::from_sums(&task.eval(&model, &idx)?))
 }

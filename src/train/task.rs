@@ -2,6 +2,7 @@
 //! statistics (evaluation). Image classification and word-level language modelling live here; the
 //! loop in `worker.rs` knows neither.
 
+use crate::config::{EvalConfig, PtbProtocol};
 use crate::data::audio::an4::{self, An4Set};
 use crate::data::ptb::{PtbCorpus, Split};
 use crate::data::sampler::Sampler;
@@ -83,7 +84,8 @@ pub trait Task: Send {
     }
 }
 
-pub fn make(data: &Dataset, augment: bool, seq_len: usize) -> Box<dyn Task> {
+/// The task of `data`; `eval` says how a language model's test split is scored.
+pub fn make(data: &Dataset, augment: bool, seq_len: usize, eval: &EvalConfig) -> Box<dyn Task> {
     match data {
         Dataset::Images(s) => Box::new(ImageTask {
             data: s.clone(),
@@ -93,6 +95,8 @@ pub fn make(data: &Dataset, augment: bool, seq_len: usize) -> Box<dyn Task> {
             corpus: c.clone(),
             seq_len,
             state: None,
+            protocol: eval.ptb_protocol,
+            columns: eval.ptb_columns,
         }),
         Dataset::Audio(a) => Box::new(SpeechTask { data: a.clone() }),
     }
@@ -170,11 +174,16 @@ impl Task for ImageTask {
 
 /// Word-level language modelling on windows of `seq_len` tokens, as the authors: windows are
 /// shuffled by the sampler, and the hidden state is still carried from batch to batch within an
-/// epoch (reset at each epoch's start, and for every evaluation batch).
+/// epoch (reset at each epoch's start). Evaluation follows `protocol`: the authors' windows, each
+/// from a zero state (a test sample is a window), or PyTorch's stream in `columns` columns with the
+/// state carried (a test sample is a column, so workers split columns and the result does not
+/// depend on how many there are).
 pub struct TextTask {
     corpus: Arc<PtbCorpus>,
     seq_len: usize,
     state: Option<State>,
+    protocol: PtbProtocol,
+    columns: usize,
 }
 
 impl TextTask {
@@ -202,6 +211,52 @@ impl TextTask {
             Tensor::from_vec(y, t_len * b, dev)?,
         ))
     }
+
+    /// word_language_model's `batchify`: the test stream trimmed to `columns` equal columns;
+    /// column j is tokens[j n .. (j + 1) n]. Returns n.
+    fn column_len(&self) -> usize {
+        self.corpus.test.len() / self.columns
+    }
+
+    /// Columns `cols` read window after window (the last one shorter), the state carried across
+    /// windows and not reset: word_language_model's `evaluate`.
+    fn eval_stream(&self, model: &Model, cols: &[usize]) -> Result<Stats> {
+        let lm = Self::lm(model)?;
+        let dev = model.device();
+        let n = self.column_len();
+        let test = &self.corpus.test;
+        if n < 2 {
+            bail!(
+                "eval.ptb_columns = {}: the test split's {} tokens give columns of {n} tokens, too few to predict one",
+                self.columns,
+                test.len()
+            );
+        }
+        let mut s = Stats::default();
+        for chunk in cols.chunks(EVAL_BATCH) {
+            let b = chunk.len();
+            let mut state = lm.zero_state(b, dev)?;
+            let mut i = 0;
+            while i + 1 < n {
+                let t_len = self.seq_len.min(n - 1 - i);
+                let (mut x, mut y) = (vec![0u32; t_len * b], vec![0u32; t_len * b]);
+                for (j, &col) in chunk.iter().enumerate() {
+                    let base = col * n + i;
+                    for t in 0..t_len {
+                        x[t * b + j] = test[base + t];
+                        y[t * b + j] = test[base + t + 1];
+                    }
+                }
+                let x = Tensor::from_vec(x, (t_len, b), dev)?;
+                let y = Tensor::from_vec(y, t_len * b, dev)?;
+                let (logits, next) = lm.forward(&x, &state, None)?;
+                s += scored(&logits, &y)?.1;
+                state = next;
+                i += t_len;
+            }
+        }
+        Ok(s)
+    }
 }
 
 impl Task for TextTask {
@@ -210,7 +265,10 @@ impl Task for TextTask {
     }
 
     fn test_len(&self) -> usize {
-        self.corpus.windows(Split::Test, self.seq_len).len()
+        match self.protocol {
+            PtbProtocol::Windows => self.corpus.windows(Split::Test, self.seq_len).len(),
+            PtbProtocol::Stream => self.columns,
+        }
     }
 
     fn begin_epoch(&mut self) {
@@ -243,6 +301,9 @@ impl Task for TextTask {
     }
 
     fn eval(&self, model: &Model, idx: &[usize]) -> Result<Stats> {
+        if self.protocol == PtbProtocol::Stream {
+            return self.eval_stream(model, idx);
+        }
         let lm = Self::lm(model)?;
         let mut s = Stats::default();
         for chunk in idx.chunks(EVAL_BATCH) {
@@ -300,7 +361,9 @@ impl SpeechTask {
         let x = Tensor::from_vec(b.features.clone(), (idx.len(), 1, b.bins, b.max_frames), model.device())?;
         // The CTC loss is a CPU op: on a GPU the log-probabilities come to the host (the copy is
         // differentiable, so the gradient goes back to the device).
-        let lp = Self::net(model)?.forward(&x, train)?.to_device(&Device::Cpu)?;
+        let lp = Self::net(model)?
+            .forward(&x, &b.input_frames, train)?
+            .to_device(&Device::Cpu)?;
         let lengths = b.input_frames.iter().map(|&f| output_frames(f)).collect();
         Ok((lp, lengths, b))
     }
@@ -370,5 +433,70 @@ impl Task for SpeechTask {
             }
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Arch, ModelConfig};
+
+    fn lm_and_corpus() -> (Model, Arc<PtbCorpus>) {
+        let cfg = ModelConfig {
+            arch: Arch::LstmPtb,
+            hidden: Some(5),
+            layers: Some(2),
+            ..ModelConfig::default()
+        };
+        let vocab = 7;
+        let test: Vec<u32> = (0..53u32).map(|i| (i * i + 3 * i) % vocab).collect();
+        let corpus = PtbCorpus {
+            train: (0..vocab).collect(),
+            test,
+            ..PtbCorpus::default()
+        };
+        (
+            Model::build(&cfg, vocab as usize, 2, &Device::Cpu).unwrap(),
+            Arc::new(corpus),
+        )
+    }
+
+    fn task(corpus: &Arc<PtbCorpus>, seq_len: usize, columns: usize) -> TextTask {
+        TextTask {
+            corpus: corpus.clone(),
+            seq_len,
+            state: None,
+            protocol: PtbProtocol::Stream,
+            columns,
+        }
+    }
+
+    /// Carrying the state across windows is the same as reading each column in one piece:
+    /// word_language_model's batchify (53 tokens in 4 columns of 13, one token dropped) and its
+    /// evaluate, whose last window is shorter.
+    #[test]
+    fn stream_protocol_reads_each_column_as_one_sequence() {
+        let (model, corpus) = lm_and_corpus();
+        let t = task(&corpus, 5, 4);
+        assert_eq!(t.test_len(), 4);
+        let s = t.eval(&model, &[0, 1, 2, 3]).unwrap();
+        assert_eq!(s.items, 4.0 * 12.0);
+        let Net::PtbLm(lm) = model.net() else { unreachable!() };
+        let mut want = 0.0;
+        for col in 0..4 {
+            let c = &corpus.test[col * 13..(col + 1) * 13];
+            let x = Tensor::from_vec(c[..12].to_vec(), (12, 1), &Device::Cpu).unwrap();
+            let y = Tensor::from_vec(c[1..].to_vec(), 12, &Device::Cpu).unwrap();
+            let (logits, _) = lm.forward(&x, &lm.zero_state(1, &Device::Cpu).unwrap(), None).unwrap();
+            want += scored(&logits, &y).unwrap().1.loss_sum;
+        }
+        assert!((s.loss_sum - want).abs() < 1e-4 * want, "{} vs {want}", s.loss_sum);
+        // Workers split columns: any split sums to the same.
+        let (a, b) = (t.eval(&model, &[0, 2]).unwrap(), t.eval(&model, &[1, 3]).unwrap());
+        assert!((a.loss_sum + b.loss_sum - s.loss_sum).abs() < 1e-4 * want);
+        assert_eq!(a.items + b.items, s.items);
+        // Columns too short to predict a token are refused, naming the key.
+        let e = task(&corpus, 5, 40).eval(&model, &[0]).unwrap_err().to_string();
+        assert!(e.contains("eval.ptb_columns = 40"), "{e}");
     }
 }

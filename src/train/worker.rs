@@ -82,7 +82,7 @@ impl Worker {
     ) -> Result<Self> {
         let rank = comm.rank();
         let model = Model::build(&cfg.model, data.outputs(), cfg.seed, device)?;
-        let task = super::task::make(data, cfg.data.augment, cfg.data.seq_len);
+        let task = super::task::make(data, cfg.data.augment, cfg.data.seq_len, &cfg.eval);
         if let Some(path) = &cfg.model.init_from {
             model.load(path.as_ref()).context("model.init_from")?;
         }
