@@ -431,7 +431,11 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
         path.to_path_buf()
     };
     let data = load_test_data(cfg)?;
-    let model = crate::models::Model::build(&cfg.model, data.outputs(), cfg.seed, &candle_core::Device::Cpu)?;
+    // Built from another seed than the trainer's: everything the evaluation reads must come from
+    // the file, and a tensor the forward takes from anywhere else (an initial value cached at
+    // construction) shows as a different result instead of the trainer's init hiding it.
+    let seed = !cfg.seed;
+    let model = crate::models::Model::build(&cfg.model, data.outputs(), seed, &candle_core::Device::Cpu)?;
     model.load(&file)?;
     let task = task::make(&data, false, cfg.data.seq_len, &cfg.eval);
     let idx: Vec<usize> = (0..task.test_len()).collect();
