@@ -61,8 +61,11 @@ struct Report {
 
 /// Runs everything; Ok(false) when a comparison failed (the tables say which).
 pub fn run_check(opts: &CheckOptions) -> Result<bool> {
-    let gpu = Gpu::new(opts.device)?;
+    let gpu = Gpu::new(&super::RankGpu::open(opts.device)?)?;
     let device = format!("{} (device {})", gpu.ctx.name()?, opts.device);
+    let l2_bytes =
+        gpu.ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64;
     println!("gpu-check on {device}, seed {}", opts.seed);
     let mut checks = Vec::new();
     let mut rng = Rng::new(opts.seed);

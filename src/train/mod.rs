@@ -284,13 +284,15 @@ fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: 
     })
 }
 
-/// The NCCL communicator on the model's CUDA stream, its unique id passed over the TCP group.
+/// The NCCL communicator on the rank's one stream (the model's), its unique id passed over the TCP
+/// group.
 #[cfg(feature = "cuda")]
 fn nccl_comm(bootstrap: &mut TcpComm, dev: &candle_core::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
-    let candle_core::Device::Cuda(gpu) = dev else {
+    if !dev.is_cuda() {
         bail!("dist.backend = \"nccl\": the model is not on a GPU");
-    };
-    let comm = crate::comm::nccl::NcclComm::connect(bootstrap, gpu.cuda_stream(), timeout)?;
+    }
+    let gpu = crate::gpu::RankGpu::adopt(dev)?;
+    let comm = crate::comm::nccl::NcclComm::connect(bootstrap, &gpu, timeout)?;
     Ok(Box::new(comm))
 }
 
