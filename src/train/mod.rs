@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod device;
 pub mod device_engine;
 mod engine;
+mod gpu_turns;
 mod host_engine;
 pub mod metrics;
 pub mod optim;
@@ -335,10 +336,13 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let data = load_data(cfg)?;
     let dev = device::open(&cfg.device, 0)?;
     let p = cfg.dist.workers;
-    let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
+    let timeout = Duration::from_secs_f64(cfg.dist.timeout);
+    let comms = LocalComm::group(p, timeout);
+    let turns = gpu_turns::for_workers(&dev, p, timeout);
     let handles: Vec<_> = comms
         .into_iter()
-        .map(|comm| {
+        .zip(turns)
+        .map(|(comm, turn)| {
             let (cfg, data, run_dir, resume_from, dev) = (
                 cfg.clone(),
                 data.clone(),
@@ -352,6 +356,9 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
                     let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
+                    if let Some(turn) = turn {
+                        w.take_turns(turn);
+                    }
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }
