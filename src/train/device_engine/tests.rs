@@ -299,3 +299,61 @@ fn a_bad_checkpoint_state_is_refused() {
         .to_string()
         .contains("momentum buffer"));
 }
+
+/// Each rank's costs (host waits, d-length allocations) of steps 1 and 2 on `ranks` ranks.
+fn costs_on(ranks: usize, sets: &[&str]) -> Vec<[Costs; 2]> {
+    let workers = format!("dist.workers={ranks}");
+    let cfg = config(&[sets, &[workers.as_str()]].concat());
+    let comms = LocalComm::group(ranks, Duration::from_secs(20));
+    let handles: Vec<_> = comms
+        .into_iter()
+        .map(|mut comm| {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let rank = comm.rank();
+                let model = Model::build(&cfg.model, 20, cfg.seed, &Device::Cpu).unwrap();
+                let mut dev = DeviceEngine::new(&cfg, &model, kernels(&model)).unwrap();
+                let mut seen = Vec::new();
+                for step in 1..=3u64 {
+                    assert!(dev.load_grad(&model, &grads(&model, rank, step), rank, step).unwrap());
+                    seen.extend(dev.last_costs().filter(|_| step > 1));
+                    if step == 3 {
+                        break;
+                    }
+                    let opts = StepOptions::default();
+                    dev.aggregate(&mut comm, 0.05, opts).unwrap();
+                    dev.apply(&model, 0.5, 0.0).unwrap();
+                }
+                [seen[0], seen[1]]
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().expect("a rank failed")).collect()
+}
+
+/// The numbers docs/GPU.md states. SGD with momentum and weight decay makes 5 tensors of length
+/// d on its first step (the momentum buffer starts as a copy) and 7 after; the flat gradient is
+/// one more, the sparse update's zeroed buffer one more, dense's reduced copy and its division two.
+/// The waits: the gradient's and the update's finiteness (one scalar each), the selection's NaN
+/// word, each merge's outcome, and each communicator call.
+#[test]
+fn host_waits_and_allocations_per_step_are_as_documented() {
+    let c = |syncs, d_allocs| Costs { syncs, d_allocs };
+    let sgd = [5, 7];
+    let per_step = |syncs: u32, allocs: u32| [c(syncs, allocs + sgd[0]), c(syncs, allocs + sgd[1])];
+    // gTop-k's tree on 4 ranks: rank 0 receives and merges twice, rank 2 once, all get the broadcast.
+    assert_eq!(
+        costs_on(4, &["sparse.method=\"gtopk\""]),
+        vec![per_step(8, 2), per_step(5, 2), per_step(7, 2), per_step(5, 2)]
+    );
+    // Recursive doubling on 4 ranks: two exchanges and two merges each.
+    let rd = per_step(1 + 1 + 2 * 2 + 1, 2);
+    assert_eq!(
+        costs_on(4, &["sparse.method=\"gtopk\"", "sparse.gtopk=\"recursive-doubling\""]),
+        vec![rd; 4]
+    );
+    // Top-k: the selected set comes down for the all-gather.
+    assert_eq!(costs_on(2, &["sparse.method=\"topk\""]), vec![per_step(4, 2); 2]);
+    // Dense: the all-reduce.
+    assert_eq!(costs_on(2, &["sparse.method=\"dense\""]), vec![per_step(3, 3); 2]);
+}
