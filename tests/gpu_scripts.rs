@@ -22,6 +22,16 @@ fn files(dir: &Path, depth: usize, out: &mut Vec<(PathBuf, usize)>) {
     }
 }
 
+/// Exit code and everything the command printed.
+fn outcome(o: &std::process::Output) -> (i32, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.code().unwrap_or(-1), text)
+}
+
 fn tar_list(archive: &Path) -> Vec<String> {
     let out = Command::new("tar").arg("-tzf").arg(archive).output().unwrap();
     assert!(out.status.success(), "{archive:?} is not a readable tar.gz");
@@ -54,12 +64,8 @@ fn gpu_check(out: &Path, budget_s: u32) -> (i32, String, Duration) {
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (o.status.code().unwrap_or(-1), text, t.elapsed())
+    let (code, text) = outcome(&o);
+    (code, text, t.elapsed())
 }
 
 /// The machine's limits on what comes back, and what the check promises to put there.
@@ -171,16 +177,8 @@ fn profile(tools: &[&str]) -> (i32, String, String) {
         .env("FAKE_LOG", &log)
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    (
-        o.status.code().unwrap_or(-1),
-        said,
-        std::fs::read_to_string(&log).unwrap_or_default(),
-    )
+    let (code, said) = outcome(&o);
+    (code, said, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
 #[test]
