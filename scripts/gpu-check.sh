@@ -1,109 +1,230 @@
 #!/usr/bin/env bash
-# One run on a GPU machine that has the CUDA 13 libraries (in PyTorch's Python environment) and no
-# Rust toolchain. It takes a binary built elsewhere (scripts/build-cuda.sh --bundle dist/gpu) and:
-#   1. records the machine (nvidia-smi, gtopk info);
-#   2. checks every kernel against its CPU twin and times it (gtopk gpu-check);
-#   3. times torch.topk on the same vectors (scripts/torch_topk.py);
-#   4. trains ResNet-20 and VGG-16 on the synthetic set, 4 workers on one GPU with gTop-k on the
-#      device engine, ResNet-20 again on the host engine (the reference) and with recursive
-#      doubling, and the same model, batch and workers in PyTorch eager (scripts/torch_step.py),
-#      summarised by scripts/summarize_run.py (loss going down, samples/s, the step split);
-# and writes everything into RESULTS_DIR. Exits non-zero when any step failed.
+# The GPU check: one command on a GPU machine that has the CUDA 13 libraries (in PyTorch's Python
+# environment) and no Rust toolchain, sized for a machine lent for one command of at most 10
+# minutes that hands back at most 8 files. It takes a binary built elsewhere
+# (scripts/build-cuda.sh --bundle dist/gpu) and writes exactly two files into OUT_DIR:
 #
-#   scripts/gpu-check.sh RESULTS_DIR [GTOPK_BINARY]     (binary default: dist/gpu/gtopk)
-#   QUICK=1 scripts/gpu-check.sh ...                      smaller sizes, for a dry run
+#   summary.md        every step's outcome and time, then the result tables
+#   results.tar.gz    results/: logs of every step, kernels.json, the runs' metrics.jsonl and
+#                     config.toml (never a checkpoint)
+#
+# Both are rewritten after every step, so a run cut off at its limit still returns every step that
+# finished. The steps run most valuable first, each under its own time limit, all within BUDGET_S
+# seconds (default 450: the whole check ends within 8 minutes on an H200); a step that no longer
+# fits is listed as not run.
+#   1. the machine (nvidia-smi, gtopk info)
+#   2. every kernel against its CPU twin, bit for bit, then timed (gtopk gpu-check)
+#   3. ResNet-20, 4 workers on GPU 0, gTop-k on the device engine, then on the host engine (the
+#      reference its loss curve is compared with), then the same in PyTorch eager
+#   4. torch.topk on the same vectors as step 2
+#   5. the rest: bench select (no CPU baselines), recursive doubling, VGG-16 and its PyTorch twin,
+#      bench merge and scatter
+#
+#   scripts/gpu-check.sh OUT_DIR [GTOPK_BINARY]     (binary default: dist/gpu/gtopk, or its .gz)
+#   QUICK=1        small sizes and few steps, for a dry run
+#   DEVICE=cpu     train on the CPU (a dry run of the packaging on a machine without a GPU; the
+#                  GPU-only steps are then skipped)
+#   BUDGET_S=N     the time budget in seconds
+#   ONLY="a b"     run only the steps named (the others are listed as skipped); EXTRA_SETS="k=v ..."
+#                  more --set arguments for every training run (tests/gpu_scripts.rs uses both to
+#                  dry-run the packaging in seconds)
+# Exits 0 when no step failed, 1 when one did, 2 on bad usage or a binary that cannot run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 out="${1:-}"
 if [[ -z $out || $out == -* ]]; then
-    echo "usage: scripts/gpu-check.sh RESULTS_DIR [GTOPK_BINARY]" >&2
+    echo "usage: scripts/gpu-check.sh OUT_DIR [GTOPK_BINARY]" >&2
     exit 2
 fi
 bin="${2:-${GTOPK_BIN:-dist/gpu/gtopk}}"
-mkdir -p "$out" || exit 2
-work="$(mktemp -d "${TMPDIR:-/tmp}/gtopk-check.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-data="$work/data"
-mkdir -p "$data"
-# The bundle carries the binary gzipped (scripts/build-cuda.sh --bundle).
-if [[ ! -x $bin && -f $bin.gz ]]; then
-    gunzip -c "$bin.gz" >"$work/gtopk" && chmod +x "$work/gtopk" && bin="$work/gtopk"
-fi
-if [[ ! -x $bin ]]; then
-    echo "gpu-check: no executable at $bin (or $bin.gz); build it with scripts/build-cuda.sh --bundle dist/gpu" >&2
+device="${DEVICE:-cuda}"
+budget="${BUDGET_S:-450}"
+py="${PYTHON:-python3}"
+if [[ $device != cuda && $device != cpu ]] || ! [[ $budget =~ ^[0-9]+$ ]]; then
+    echo "gpu-check: DEVICE must be cuda or cpu and BUDGET_S a whole number of seconds" >&2
     exit 2
 fi
+mkdir -p "$out" || exit 2
+out="$(cd "$out" && pwd)"
+start=$SECONDS
+started="$(date -u '+%F %T UTC')"
+work="$(mktemp -d "${TMPDIR:-/tmp}/gtopk-check.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+res="$work/results"
+data="$work/data"
+mkdir -p "$res/logs" "$res/runs" "$data"
+steps_file="$work/steps.tsv"
+: >"$steps_file"
 
-# The CUDA 13 libraries the binary links (cuBLAS, cuRAND, NVRTC, NCCL, the runtime) live in the
-# `nvidia` Python packages beside PyTorch; libcuda comes with the driver.
-nv="$(python3 -c 'import nvidia, sys; print(list(nvidia.__path__)[0])' 2>/dev/null || true)"
-if [[ -n $nv ]]; then
-    export LD_LIBRARY_PATH="$nv/cu13/lib:$nv/nccl/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-else
-    echo "gpu-check: no 'nvidia' Python package; relying on LD_LIBRARY_PATH for the CUDA libraries" >&2
-fi
+# ---- packaging: summary.md and results.tar.gz, rebuilt after every step ------------------------
+pack() {
+    local name outcome secs f
+    {
+        echo "# gtopk GPU check"
+        echo
+        echo "- started $started; $((SECONDS - start)) s so far of a ${budget} s budget"
+        echo "- host $(hostname), device $device, binary $bin${QUICK:+, QUICK=1 (dry-run sizes)}"
+        echo
+        echo "| step | outcome | seconds |"
+        echo "|---|---|---:|"
+        while IFS=$'\t' read -r name outcome secs; do
+            echo "| $name | $outcome | $secs |"
+        done <"$steps_file"
+        for f in kernels.md torch-topk.md training.md; do
+            if [[ -s $res/$f ]]; then
+                echo
+                cat "$res/$f"
+            fi
+        done
+        echo
+        echo "Logs, kernels.json and each run's metrics.jsonl: results.tar.gz."
+    } >"$out/.summary.md.tmp" && mv -f "$out/.summary.md.tmp" "$out/summary.md"
+    tar -czf "$out/.results.tar.gz.tmp" -C "$work" --exclude=checkpoints results &&
+        mv -f "$out/.results.tar.gz.tmp" "$out/results.tar.gz"
+}
+
+record() {
+    printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$steps_file"
+    [[ $2 == ok || $2 == skipped* || $2 == "not run"* ]] || failed+=("$1")
+    pack
+}
 
 failed=()
+# step NAME LIMIT_S CMD...: runs CMD within min(LIMIT_S, what is left of the budget); its stdout
+# goes to results/logs/NAME.log, its stderr to NAME.err (their tails to the terminal).
 step() {
     local name="$1" limit="$2"
     shift 2
-    echo "== $name" | tee -a "$out/gpu-check.log"
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]]; then
+        skip "$name" "not in ONLY"
+        return 1
+    fi
+    local left=$((budget - (SECONDS - start) - 5))
+    if ((left < 10)); then
+        echo "== $name: not run (time budget spent)"
+        record "$name" "not run (time budget)" 0
+        return 1
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (limit $limit s)"
     local t0=$SECONDS
-    timeout "$limit" "$@" > >(tee "$out/$name.txt") 2> >(tee "$out/$name.err" >&2)
+    timeout -k 5 "$limit" "$@" >"$res/logs/$name.log" 2>"$res/logs/$name.err"
     local rc=$?
-    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/gpu-check.log"
-    [[ $rc == 0 ]] || failed+=("$name (exit $rc)")
+    tail -n 3 "$res/logs/$name.log" "$res/logs/$name.err"
+    local outcome=ok
+    if ((rc == 124 || rc == 137)); then
+        outcome="FAILED: cut off at its $limit s limit"
+    elif ((rc != 0)); then
+        outcome="FAILED (exit $rc)"
+    fi
+    echo "== $name: $outcome after $((SECONDS - t0)) s"
+    record "$name" "$outcome" $((SECONDS - t0))
+    [[ $outcome == ok ]]
+}
+
+skip() {
+    echo "== $1: skipped ($2)"
+    record "$1" "skipped ($2)" 0
+}
+
+# ---- the binary and its libraries --------------------------------------------------------------
+source scripts/gpu-run-env.sh
+if ! bin="$(GTOPK_UNPACK_DIR="$work" gtopk_find_binary "$bin")"; then
+    echo "gpu-check: no executable at ${2:-${GTOPK_BIN:-dist/gpu/gtopk}} (or .gz); build it with scripts/build-cuda.sh --bundle dist/gpu" >&2
+    record binary "FAILED: no executable" 0
+    exit 2
+fi
+# The device engine prints each step's host waits and d-length allocations (docs/GPU.md).
+export GTOPK_DEBUG_COSTS=1
+gtopk_cuda_libs "$py" || echo "gpu-check: no 'nvidia' Python package; relying on LD_LIBRARY_PATH for the CUDA libraries" >&2
+
+if command -v nvidia-smi >/dev/null; then
+    step nvidia-smi 30 nvidia-smi
+else
+    skip nvidia-smi "not on PATH"
+fi
+if ! step info 30 "$bin" info; then
+    echo "gpu-check: the binary does not start (see results/logs/info.err)" >&2
+    exit 2
+fi
+cuda_build=0
+grep -q '^cuda: built with' "$res/logs/info.log" && cuda_build=1
+if [[ $device == cuda && $cuda_build == 0 ]]; then
+    echo "gpu-check: $bin was built without the cuda feature (scripts/build-cuda.sh --bundle dist/gpu)" >&2
+    record cuda "FAILED: binary without the cuda feature" 0
+    exit 2
+fi
+gpu_step() { # a step that needs the cuda build (skipped in a CPU dry run)
+    if [[ $cuda_build == 1 ]]; then step "$@"; else skip "$1" "binary without cuda"; fi
+}
+has_torch=0
+"$py" -c 'import torch' 2>/dev/null && has_torch=1
+torch_step() { # a step that needs PyTorch
+    if [[ $has_torch == 1 ]]; then step "$@"; else skip "$1" "no torch for $py"; fi
 }
 
 if [[ -n ${QUICK:-} ]]; then
-    sizes=1,2,1023,4097,270000 merge_ks=1,2,1023,14000 reps=10 steps_r=40 steps_v=20
+    sizes=1,2,1023,4097,270000 merge_ks=1,2,1023,14000 reps=10 bench_sizes=270k
+    steps_r=6 steps_rd=3 steps_v=3 log_every=2 train_n=1024 test_n=64 torch_steps=3 batch_r=32 batch_v=16
 else
-    sizes=1,2,1023,4097,270000,15000000,66000000 merge_ks=1,2,1023,140000 reps=50 steps_r=300 steps_v=150
+    sizes=1,2,1023,4097,270000,15000000,66000000 merge_ks=1,2,1023,140000 reps=30 bench_sizes=270k,15m,66m
+    steps_r=300 steps_rd=100 steps_v=50 log_every=10 train_n=20000 test_n=1000 torch_steps=30 batch_r=128 batch_v=512
 fi
 
-# ResNet-20 / VGG-16 with their paper batch sizes (128 / 512 in total), 4 workers on GPU 0, gTop-k.
-# A run name, and --set arguments after the time limit, make a variant (the host engine).
+extra=()
+for kv in ${EXTRA_SETS:-}; do extra+=(--set "$kv"); done
+
+# A training run: MODEL NAME STEPS BATCH LIMIT [--set ...]. 4 workers on one device, gTop-k, the
+# synthetic set; the run directory keeps metrics.jsonl and config.toml (its final checkpoint is
+# deleted at once: a VGG-16 model is 59 MB).
 train_once() {
-    local model="$1" name="$2" steps="$3" limit="$4"
-    shift 4
-    step "train-$name" "$limit" "$bin" train "configs/$model.toml" --plain --run-dir "$out/runs/$name" \
-        --set 'device="cuda"' --set 'dist.backend="local"' --set 'data.source="synthetic"' \
-        --set data.synthetic_train=20000 --set data.synthetic_test=1000 --set train.max_steps="$steps" \
-        --set train.warmup_epochs=0 --set train.checkpoint_every=0 --set train.log_every=10 \
-        --set sparse.delta_every=0 "$@"
+    local model="$1" name="$2" steps="$3" batch="$4" limit="$5"
+    shift 5
+    step "train-$name" "$limit" "$bin" train "configs/$model.toml" --plain --run-dir "$res/runs/$name" \
+        --set "device=\"$device\"" --set 'dist.backend="local"' --set 'data.source="synthetic"' \
+        --set data.synthetic_train="$train_n" --set data.synthetic_test="$test_n" \
+        --set train.batch_size="$batch" --set train.max_steps="$steps" \
+        --set train.warmup_epochs=0 --set train.checkpoint_every=0 --set train.log_every="$log_every" \
+        --set sparse.delta_every=0 "${extra[@]}" "$@"
+    local rc=$?
+    rm -rf "$res/runs/$name/checkpoints"
+    return $rc
+}
+summarize() { # NAME [summarize_run.py options]
+    local name="$1"
+    shift
+    [[ -s $res/runs/$name/metrics.jsonl ]] || return 0
+    step "summary-$name" 20 "$py" scripts/summarize_run.py "$res/runs/$name" --out "$res/training.md" "$@"
+}
+torch_run() { # MODEL BATCH LIMIT
+    torch_step "torch-$1" "$3" "$py" scripts/torch_step.py --model "$1" --batch "$2" --workers 4 \
+        --steps "$torch_steps" --warmup 3 --device "$device"
 }
 
-train_run() {
-    local model="$1" steps="$2" limit="$3"
-    train_once "$model" "$model" "$steps" "$limit"
-    local batch
-    batch=$(sed -n 's/^batch_size = //p' "configs/$model.toml")
-    step "torch-$model" 180 python3 scripts/torch_step.py --model "$model" --batch "$batch" --workers 4 \
-        --steps 30 --warmup 5 --device cuda
-    step "summary-$model" 30 python3 scripts/summarize_run.py "$out/runs/$model" --torch "$out/torch-$model.txt" \
-        --out "$out/training.md"
-}
-
-step nvidia-smi 30 nvidia-smi
-step info 60 "$bin" info
-step kernels 300 "$bin" gpu-check --sizes "$sizes" --merge-ks "$merge_ks" --reps "$reps" --out "$out" --dump "$data"
-step torch-topk 120 python3 scripts/torch_topk.py --data "$data" --gtopk "$out/kernels.json" --out "$out" --reps "$reps"
-rm -rf "$data"/*
-# The same kernels through `gtopk bench` (host-timed, synchronised calls; GB/s beside a copy).
-for op in select merge scatter; do
-    step "bench-$op" 120 "$bin" bench "$op" --device cuda --sizes 270k,15m,66m --densities 0.001 --reps 20
-done
-train_run resnet20 "$steps_r" 240
-train_once resnet20 resnet20-host "$steps_r" 240 --set debug.host_engine=true
-step summary-resnet20-host 30 python3 scripts/summarize_run.py "$out/runs/resnet20-host" --out "$out/training.md"
+gpu_step kernels 150 "$bin" gpu-check --sizes "$sizes" --merge-ks "$merge_ks" --reps "$reps" --out "$res" --dump "$data"
+train_once resnet20 resnet20 "$steps_r" "$batch_r" 90
+train_once resnet20 resnet20-host "$steps_r" "$batch_r" 90 --set debug.host_engine=true
+torch_run resnet20 "$batch_r" 60
+summarize resnet20 --torch "$res/logs/torch-resnet20.log" --reference "$res/runs/resnet20-host"
+summarize resnet20-host
+if [[ -n $(ls -A "$data") ]]; then
+    torch_step torch-topk 60 "$py" scripts/torch_topk.py --data "$data" --gtopk "$res/kernels.json" --out "$res" --reps "$reps"
+fi
+rm -rf "$data"
+gpu_step bench-select 60 "$bin" bench select --device cuda --baselines false --sizes "$bench_sizes" --densities 0.001 --reps 10
 # Recursive doubling's exchanges on the device engine (4 workers: two rounds, no pre-fold).
-train_once resnet20 resnet20-rd "$steps_v" 180 --set 'sparse.gtopk="recursive-doubling"'
-step summary-resnet20-rd 30 python3 scripts/summarize_run.py "$out/runs/resnet20-rd" --out "$out/training.md"
-train_run vgg16 "$steps_v" 300
+train_once resnet20 resnet20-rd "$steps_rd" "$batch_r" 60 --set 'sparse.gtopk="recursive-doubling"'
+summarize resnet20-rd
+train_once vgg16 vgg16 "$steps_v" "$batch_v" 90
+torch_run vgg16 "$batch_v" 60
+summarize vgg16 --torch "$res/logs/torch-vgg16.log"
+for op in merge scatter; do
+    gpu_step "bench-$op" 30 "$bin" bench "$op" --device cuda --sizes "$bench_sizes" --densities 0.001 --reps 10
+done
 
 if [[ ${#failed[@]} -gt 0 ]]; then
-    printf 'gpu-check: FAILED: %s\n' "${failed[@]}" | tee -a "$out/gpu-check.log" >&2
+    echo "gpu-check: FAILED: ${failed[*]} (see $out/summary.md)" >&2
     exit 1
 fi
-echo "gpu-check: all steps passed; tables in $out (kernels.md, torch-topk.md, training.md)" | tee -a "$out/gpu-check.log"
+echo "gpu-check: no step failed; $out/summary.md and $out/results.tar.gz"

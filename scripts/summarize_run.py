@@ -3,7 +3,10 @@
 whether it went down, median samples/s, and the median step split (seconds per step per worker),
 beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
 
-    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--out FILE.md]
+    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--out FILE.md]
+
+--reference: another run of the same job (the host engine beside the device engine): the largest
+difference of their losses over the steps both logged.
 """
 import argparse
 import json
@@ -12,21 +15,28 @@ import statistics
 import sys
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("run_dir", type=pathlib.Path)
-    ap.add_argument("--torch", type=pathlib.Path, help="a file whose last line is torch_step.py's JSON")
-    ap.add_argument("--out", type=pathlib.Path)
-    a = ap.parse_args()
-    path = a.run_dir / "metrics.jsonl"
+def step_records(run_dir: pathlib.Path):
+    path = run_dir / "metrics.jsonl"
     try:
         recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         print(f"summarize_run.py: {path}: {e}", file=sys.stderr)
+        return None
+    return [r for r in recs if r.get("kind") == "step" and "loss" in r]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("run_dir", type=pathlib.Path)
+    ap.add_argument("--torch", type=pathlib.Path, help="a file whose last line is torch_step.py's JSON")
+    ap.add_argument("--reference", type=pathlib.Path, help="a run of the same job to compare losses with")
+    ap.add_argument("--out", type=pathlib.Path)
+    a = ap.parse_args()
+    steps = step_records(a.run_dir)
+    if steps is None:
         return 1
-    steps = [r for r in recs if r.get("kind") == "step" and "loss" in r]
     if len(steps) < 2:
-        print(f"summarize_run.py: {path}: fewer than two step records", file=sys.stderr)
+        print(f"summarize_run.py: {a.run_dir}: fewer than two step records", file=sys.stderr)
         return 1
     first, last = steps[0], steps[-1]
     # The first window includes start-up (CUDA context, cuDNN autotuning); leave it out of speeds.
@@ -46,6 +56,18 @@ def main() -> int:
         "- step split, median seconds per step per worker: "
         + ", ".join(f"{k} {v:.4f}" for k, v in split.items()),
     ]
+    if a.reference:
+        ref = step_records(a.reference) or []
+        theirs = {r["step"]: r["loss"] for r in ref}
+        common = [(r["step"], r["loss"], theirs[r["step"]]) for r in steps if r["step"] in theirs]
+        if common:
+            worst = max(common, key=lambda c: abs(c[1] - c[2]))
+            lines.append(
+                f"- against {a.reference.name}: {len(common)} common logged steps, largest loss difference "
+                f"{abs(worst[1] - worst[2]):.3g} at step {worst[0]} ({worst[1]:.5f} vs {worst[2]:.5f})"
+            )
+        else:
+            lines.append(f"- against {a.reference.name}: no common logged steps")
     if a.torch and a.torch.exists():
         try:
             t = json.loads(a.torch.read_text().strip().splitlines()[-1])

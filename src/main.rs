@@ -193,6 +193,11 @@ struct KernelArgs {
     /// Where the kernels run.
     #[arg(long, value_enum, default_value = "cpu")]
     device: gtopk::bench::kernels::Device,
+    /// select: also time the CPU baselines (the standard library's selection and a full sort).
+    /// Default: on for --device cpu, off for cuda, where sorting 66M values would take most of
+    /// the run while saying nothing about the GPU.
+    #[arg(long)]
+    baselines: Option<bool>,
     /// Print the rows as JSON lines instead of a table.
     #[arg(long)]
     json: bool,
@@ -201,7 +206,8 @@ struct KernelArgs {
 #[derive(Subcommand)]
 enum Bench {
     /// Exact top-k by magnitude (our radix select), with select_nth_unstable_by and a full sort on
-    /// the CPU as baselines: median and min/max of --reps calls, GB/s beside a plain copy's.
+    /// the CPU as baselines (--baselines): median and min/max of --reps calls, GB/s beside a plain
+    /// copy's.
     Select {
         #[command(flatten)]
         args: KernelArgs,
@@ -349,7 +355,7 @@ fn bench_kernels(op: Op, a: KernelArgs, workers: usize) -> Result<()> {
         densities: a.densities,
         reps: a.reps,
         workers,
-        baselines: true,
+        baselines: a.baselines.unwrap_or(a.device == gtopk::bench::kernels::Device::Cpu),
     })?;
     if a.json {
         for r in &rows {

@@ -4,7 +4,7 @@
 //! CPU backend's); later calls reuse it, so no copy to the host is timed.
 
 use super::kernels::{Backend, Call, Case, Device, Op};
-use crate::gpu::{DeviceSet, Gpu, Merger, Outputs, Pass1, ScatterCount, Selector};
+use crate::gpu::{DeviceSet, Gpu, Merger, Outputs, Pass1, RankGpu, ScatterCount, Selector};
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 
@@ -14,7 +14,9 @@ pub struct CudaBackend {
 
 impl CudaBackend {
     pub fn new() -> Result<Self> {
-        Ok(Self { gpu: Gpu::new(0)? })
+        Ok(Self {
+            gpu: Gpu::new(&RankGpu::open(0)?)?,
+        })
     }
 }
 

@@ -122,6 +122,7 @@ mod device {
         local::LocalComm, ring_all_gather_traffic, ring_all_reduce_traffic, tree_broadcast_traffic, Communicator,
         Traffic,
     };
+    use crate::gpu::RankGpu;
     use anyhow::{anyhow, bail, ensure, Context, Result};
     use cudarc::driver::ValidAsZeroBits;
     use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -377,13 +378,10 @@ mod device {
 
     impl NcclComm {
         /// Joins the NCCL communicator of the job `bootstrap` belongs to (same rank, same world),
-        /// queuing all work on `stream`. Collective: every rank calls it. `timeout` bounds the
-        /// setup and every later call.
-        pub fn connect(
-            bootstrap: &mut dyn Communicator,
-            stream: Arc<CudaStream>,
-            timeout: Duration,
-        ) -> Result<NcclComm> {
+        /// queuing all work on the rank's one stream (`gpu`'s, candle's). Collective: every rank
+        /// calls it. `timeout` bounds the setup and every later call.
+        pub fn connect(bootstrap: &mut dyn Communicator, gpu: &RankGpu, timeout: Duration) -> Result<NcclComm> {
+            let stream = gpu.stream();
             let (rank, world) = (bootstrap.rank(), bootstrap.world_size());
             ensure!(world <= c_int::MAX as usize, "NCCL: world size {world} is too large");
             stream.context().bind_to_thread()?;
@@ -483,12 +481,16 @@ mod device {
             Ok(op)
         }
 
-        /// Device buffers of the caller must live on this communicator's GPU.
+        /// The caller's device work must be on this rank's one stream (`RankGpu`), the one NCCL
+        /// queues on: on any other, NCCL would neither wait for the buffers' writes nor be waited for.
         fn same_device(&self, op: Op, stream: &CudaStream) -> Result<()> {
             ensure!(
-                stream.context() == self.stream.context(),
-                "rank {}: NCCL {op} on a stream of another device",
-                self.rank
+                stream.cu_stream() == self.stream.cu_stream(),
+                "rank {}: NCCL {op} asked to order with a stream other than the rank's \
+                 ({:?}, NCCL's is {:?})",
+                self.rank,
+                stream.cu_stream(),
+                self.stream.cu_stream()
             );
             Ok(())
         }
@@ -1093,14 +1095,15 @@ mod device {
             .map(|(mut boot, mut local)| {
                 std::thread::spawn(move || -> Result<_> {
                     let rank = boot.rank();
-                    let ctx = CudaContext::new(rank)?;
-                    let stream = ctx.new_stream()?;
-                    let mut nccl = NcclComm::connect(&mut boot, stream.clone(), timeout)?;
+                    // Exactly as a training rank opens its GPU (train::device::open).
+                    let gpu = RankGpu::open(rank)?;
+                    let stream = gpu.stream();
+                    let mut nccl = NcclComm::connect(&mut boot, &gpu, timeout)?;
                     let got = script(&mut nccl, &stream).context("NCCL script")?;
                     let want = script(&mut local, &stream).context("local script")?;
                     let traffic = (nccl.traffic(), local.traffic());
                     drop(nccl);
-                    let timeout_err = check_timeout(&mut boot, stream)?;
+                    let timeout_err = check_timeout(&mut boot, &gpu)?;
                     Ok((got, want, traffic, timeout_err))
                 })
             })
@@ -1176,8 +1179,8 @@ mod device {
     /// A fresh 2-second communicator; rank 0 exchanges with rank 1, which never answers (an
     /// exchange, because NCCL may buffer a small plain send). Rank 0 returns (that error, the next
     /// call's error); the others wait for it on `boot`.
-    fn check_timeout(boot: &mut LocalComm, stream: Arc<CudaStream>) -> Result<Option<(String, String)>> {
-        let mut c = NcclComm::connect(boot, stream, Duration::from_secs(2))?;
+    fn check_timeout(boot: &mut LocalComm, gpu: &RankGpu) -> Result<Option<(String, String)>> {
+        let mut c = NcclComm::connect(boot, gpu, Duration::from_secs(2))?;
         let out = if c.rank() == 0 {
             let first = c
                 .exchange(1, &vec![7u8; 1 << 20])

@@ -49,11 +49,18 @@ struct TimeRow {
     one_read_us: f64,
     /// Copy bandwidth measured on the same bytes: (read + write) / time.
     copy_gb_s: f64,
+    /// Calls per timed sample (back to back between two events).
+    batch: usize,
+    /// Bytes the kernel must touch (its inputs read and outputs written once): beside the L2's
+    /// size, whether repeated calls run from the L2 or from HBM.
+    bytes: u64,
 }
 
 #[derive(Serialize)]
 struct Report {
     device: String,
+    /// The L2 cache in bytes (the device's own report).
+    l2_bytes: u64,
     seed: u64,
     checks: Vec<CheckRow>,
     timings: Vec<TimeRow>,
@@ -61,8 +68,11 @@ struct Report {
 
 /// Runs everything; Ok(false) when a comparison failed (the tables say which).
 pub fn run_check(opts: &CheckOptions) -> Result<bool> {
-    let gpu = Gpu::new(opts.device)?;
+    let gpu = Gpu::new(&super::RankGpu::open(opts.device)?)?;
     let device = format!("{} (device {})", gpu.ctx.name()?, opts.device);
+    let l2_bytes =
+        gpu.ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64;
     println!("gpu-check on {device}, seed {}", opts.seed);
     let mut checks = Vec::new();
     let mut rng = Rng::new(opts.seed);
@@ -83,6 +93,7 @@ pub fn run_check(opts: &CheckOptions) -> Result<bool> {
     }
     let report = Report {
         device,
+        l2_bytes,
         seed: opts.seed,
         checks,
         timings,
@@ -324,21 +335,41 @@ struct Spread {
     median: f64,
     p10: f64,
     p90: f64,
+    /// Calls queued back to back between the two events of one sample.
+    batch: usize,
 }
 
-/// Microseconds per call by CUDA events around each call, after three warm-up calls.
+/// Below this much GPU time between two events, a sample would measure the launches' submission
+/// and the events' own resolution (about 0.5 us), not the kernels.
+const MIN_SAMPLE_US: f64 = 200.0;
+/// At most this many calls per sample (small kernels of a few microseconds reach the target).
+const MAX_BATCH: usize = 1000;
+
+/// Microseconds per call: `reps` samples, each a CUDA event, `batch` calls queued back to back,
+/// another event, so a call costs what it costs inside a training step (queued behind the work
+/// before it, never waited for alone). `batch` is chosen from a first timed call so that a sample
+/// holds at least `MIN_SAMPLE_US` of work. Three warm-up calls first. The stream is the rank's one
+/// stream with event tracking off (`RankGpu`), the mode training runs in.
 fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Spread> {
     for _ in 0..3 {
         f()?;
     }
     gpu.sync()?;
+    let event = || gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+    let sample = |f: &mut dyn FnMut() -> Result<()>, batch: usize| -> Result<f64> {
+        let a = event()?;
+        for _ in 0..batch {
+            f()?;
+        }
+        let b = event()?;
+        b.synchronize()?;
+        Ok(a.elapsed_ms(&b)? as f64 * 1e3 / batch as f64)
+    };
+    let first = sample(&mut f, 1)?;
+    let batch = ((MIN_SAMPLE_US / first.max(1e-3)).ceil() as usize).clamp(1, MAX_BATCH);
     let mut us = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
-        let a = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        f()?;
-        let b = gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        b.synchronize()?;
-        us.push(a.elapsed_ms(&b)? as f64 * 1e3);
+        us.push(sample(&mut f, batch)?);
     }
     us.sort_by(f64::total_cmp);
     let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
@@ -346,6 +377,7 @@ fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
         median: at(0.5),
         p10: at(0.1),
         p90: at(0.9),
+        batch,
     })
 }
 
@@ -378,6 +410,8 @@ fn time_select(gpu: &Gpu, rng: &mut Rng, n: usize, opts: &CheckOptions, rows: &m
             p90_us: t.p90,
             one_read_us: one_read * reads,
             copy_gb_s: gb_s,
+            batch: t.batch,
+            bytes: (reads * 4.0 * n as f64) as u64,
         })
     };
     let mut sel = Selector::new(gpu, n)?;
@@ -427,6 +461,9 @@ fn time_merge(gpu: &Gpu, rng: &mut Rng, k: usize, reps: usize, rows: &mut Vec<Ti
         p90_us: t.p90,
         one_read_us: one_read,
         copy_gb_s: gb_s,
+        batch: t.batch,
+        // Two sets of k pairs read, k kept and up to k dropped written.
+        bytes: 4 * 8 * k as u64,
     });
     Ok(())
 }
@@ -447,26 +484,48 @@ fn render(r: &Report) -> String {
     }
     let passed = r.checks.iter().filter(|c| c.ok).count();
     t.push_str(&format!("\n{passed} of {} checks identical.\n\n", r.checks.len()));
-    t.push_str("## Kernel timings (CUDA events, 3 warm-up calls, median of the rest)\n\n");
-    t.push_str(
-        "`floor` is the time to read the kernel's main input once (times the reads it cannot avoid) at the \
-         bandwidth of a device-to-device copy measured in the same run.\n\n",
-    );
-    t.push_str("| kernel | n | k | median us | p10 | p90 | floor us | x floor | copy GB/s |\n");
-    t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for row in &r.timings {
-        t.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |\n",
-            row.kernel,
-            row.n,
-            row.k,
-            row.median_us,
-            row.p10_us,
-            row.p90_us,
-            row.one_read_us,
-            row.median_us / row.one_read_us,
-            row.copy_gb_s
-        ));
+    t.push_str(&format!(
+        "## Kernel timings\n\nCUDA events around a batch of calls queued back to back (at least {MIN_SAMPLE_US} us \
+         of work per sample, `batch` calls), on the rank's one stream with event tracking off, as in training; \
+         3 warm-up calls, median, p10 and p90 of the samples. `floor` is the time to read the kernel's main \
+         input once (times the reads it cannot avoid) at the bandwidth of a device-to-device copy of the same \
+         size measured in the same run. Repeated calls on inputs that fit the L2 ({:.0} MB here) run from it, \
+         so those rows and their floors say nothing about HBM: they are kept apart.\n\n",
+        r.l2_bytes as f64 / 1e6
+    ));
+    let resident = |row: &&TimeRow| row.bytes <= r.l2_bytes;
+    for (title, rows) in [
+        (
+            "Inputs larger than the L2 (HBM-bound)",
+            r.timings.iter().filter(|row| !resident(row)).collect::<Vec<_>>(),
+        ),
+        ("Inputs that fit the L2", r.timings.iter().filter(resident).collect()),
+    ] {
+        if rows.is_empty() {
+            continue;
+        }
+        t.push_str(&format!("### {title}\n\n"));
+        t.push_str(
+            "| kernel | n | k | MB touched | batch | median us | p10 | p90 | floor us | x floor | copy GB/s |\n",
+        );
+        t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for row in rows {
+            t.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |\n",
+                row.kernel,
+                row.n,
+                row.k,
+                row.bytes as f64 / 1e6,
+                row.batch,
+                row.median_us,
+                row.p10_us,
+                row.p90_us,
+                row.one_read_us,
+                row.median_us / row.one_read_us,
+                row.copy_gb_s
+            ));
+        }
+        t.push('\n');
     }
     t
 }

@@ -1,5 +1,6 @@
 //! Loading the embedded PTX and launching its kernels.
 
+use super::rank::RankGpu;
 use anyhow::{anyhow, Context, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
@@ -26,15 +27,11 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    /// A fresh context on device `ordinal` with its own stream.
-    pub fn new(ordinal: usize) -> Result<Self> {
-        let ctx = CudaContext::new(ordinal).with_context(|| format!("CUDA device {ordinal}"))?;
-        let stream = ctx.new_stream()?;
-        Self::on_stream(stream)
-    }
-
-    /// The kernels on an existing stream (candle's, so that they order with its work).
-    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Self> {
+    /// The kernels on the rank's stream (candle's, so that they order with its work), in the
+    /// stream mode training runs in (one stream, no event tracking): what `gtopk gpu-check` and
+    /// `gtopk bench` time is what a training step runs.
+    pub fn new(rank: &RankGpu) -> Result<Self> {
+        let stream = rank.stream();
         let ctx = stream.context().clone();
         let (major, minor) = ctx.compute_capability()?;
         let cap = (major * 10 + minor) as u32;

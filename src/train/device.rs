@@ -31,7 +31,8 @@ pub fn resolve(spec: DeviceSpec) -> DeviceSpec {
 }
 
 /// `local_rank` picks the GPU for plain "cuda" and for "auto" on a GPU machine (one process per GPU
-/// under a launcher; in-process workers all share GPU 0, one after another on its stream).
+/// under a launcher; in-process workers all share GPU 0 and its one stream, taking turns:
+/// `gpu_turns`).
 pub fn open(spec: &str, local_rank: usize) -> Result<Device> {
     match resolve(spec.parse::<DeviceSpec>()?) {
         DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Device::Cpu),
@@ -43,9 +44,21 @@ pub fn open(spec: &str, local_rank: usize) -> Result<Device> {
                      (build one with scripts/build-cuda.sh, or set device = \"cpu\")"
                 );
             }
-            Device::new_cuda(ordinal).map_err(|e| anyhow::anyhow!("device = {spec:?}: cannot open GPU {ordinal}: {e}"))
+            open_gpu(ordinal).map_err(|e| anyhow::anyhow!("device = {spec:?}: cannot open GPU {ordinal}: {e}"))
         }
     }
+}
+
+/// The rank's GPU with its one explicit stream (`gpu::RankGpu::open`, shared with the NCCL check,
+/// `gpu-check` and `bench`).
+#[cfg(feature = "cuda")]
+fn open_gpu(ordinal: usize) -> Result<Device> {
+    Ok(crate::gpu::RankGpu::open(ordinal)?.device())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_gpu(_: usize) -> Result<Device> {
+    unreachable!("refused above: this binary has no `cuda` feature")
 }
 
 #[cfg(test)]

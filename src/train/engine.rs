@@ -69,7 +69,8 @@ pub fn make(cfg: &Config, model: &Model, rank: usize) -> Result<Box<dyn Engine>>
                 if rank == 0 {
                     eprintln!("aggregation and optimizer on the GPU (device engine)");
                 }
-                return Ok(Box::new(DeviceEngine::new(cfg, model, CudaKernels::new(model)?)?));
+                let engine = DeviceEngine::new(cfg, model, CudaKernels::new(model)?)?.announcing(rank == 0);
+                return Ok(Box::new(engine));
             }
             Some(why) if rank == 0 => {
                 eprintln!("note: aggregating on the host: the device engine does not cover {why}")

@@ -5,6 +5,7 @@ pub mod checkpoint;
 mod device;
 pub mod device_engine;
 mod engine;
+mod gpu_turns;
 mod host_engine;
 pub mod metrics;
 pub mod optim;
@@ -304,13 +305,15 @@ fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: 
     })
 }
 
-/// The NCCL communicator on the model's CUDA stream, its unique id passed over the TCP group.
+/// The NCCL communicator on the rank's one stream (the model's), its unique id passed over the TCP
+/// group.
 #[cfg(feature = "cuda")]
 fn nccl_comm(bootstrap: &mut TcpComm, dev: &candle_core::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
-    let candle_core::Device::Cuda(gpu) = dev else {
+    if !dev.is_cuda() {
         bail!("dist.backend = \"nccl\": the model is not on a GPU");
-    };
-    let comm = crate::comm::nccl::NcclComm::connect(bootstrap, gpu.cuda_stream(), timeout)?;
+    }
+    let gpu = crate::gpu::RankGpu::adopt(dev)?;
+    let comm = crate::comm::nccl::NcclComm::connect(bootstrap, &gpu, timeout)?;
     Ok(Box::new(comm))
 }
 
@@ -353,10 +356,13 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let data = load_data(cfg)?;
     let dev = device::open(&cfg.device, 0)?;
     let p = cfg.dist.workers;
-    let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
+    let timeout = Duration::from_secs_f64(cfg.dist.timeout);
+    let comms = LocalComm::group(p, timeout);
+    let turns = gpu_turns::for_workers(&dev, p, timeout);
     let handles: Vec<_> = comms
         .into_iter()
-        .map(|comm| {
+        .zip(turns)
+        .map(|(comm, turn)| {
             let (cfg, data, run_dir, resume_from, dev) = (
                 cfg.clone(),
                 data.clone(),
@@ -370,6 +376,9 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
                     let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
+                    if let Some(turn) = turn {
+                        w.take_turns(turn);
+                    }
                     if let Some(dir) = &resume_from {
                         w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                     }

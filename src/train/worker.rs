@@ -2,6 +2,7 @@
 
 use super::checkpoint;
 use super::engine::{Engine, EngineState};
+use super::gpu_turns::Turn;
 use super::metrics::MetricsWriter;
 use super::schedule::LrSchedule;
 use super::stats::{gather_f64, Window};
@@ -70,6 +71,9 @@ pub struct Worker {
     last_test: Option<EvalStats>,
     /// The step of the newest checkpoint this run wrote or resumed from.
     checkpointed: Option<u64>,
+    /// In-process workers sharing a GPU: the device work of a forward/backward or an evaluation
+    /// runs in rank order (`gpu_turns`).
+    turn: Option<Turn>,
 }
 
 impl Worker {
@@ -110,7 +114,25 @@ impl Worker {
             epoch_window: Window::default(),
             last_test: None,
             checkpointed: None,
+            turn: None,
         })
+    }
+
+    /// Joins a rotation of workers that share this worker's GPU.
+    pub fn take_turns(&mut self, turn: Turn) {
+        self.turn = Some(turn);
+    }
+
+    /// `f` on this worker, in its turn when it has one.
+    fn in_turn<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        match self.turn.take() {
+            Some(turn) => {
+                let out = turn.run(|| f(self));
+                self.turn = Some(turn);
+                out
+            }
+            None => f(self),
+        }
     }
 
     fn rank(&self) -> usize {
@@ -145,9 +167,7 @@ impl Worker {
             for s in first..steps {
                 let lr = self.sched.at(epoch, s, steps);
                 let density = self.cfg.sparse.density.at_epoch(epoch);
-                let t0 = Instant::now();
-                let (loss, grad_finite, stats) = self.forward_backward(&order, epoch, s)?;
-                let t1 = Instant::now();
+                let (loss, grad_finite, stats, compute_s) = self.forward_backward(&order, epoch, s)?;
                 let report = if self.all_finite(loss.is_finite() && grad_finite)? {
                     let report = self.aggregate(density)?;
                     self.update_finite()?.then_some(report)
@@ -163,7 +183,7 @@ impl Worker {
                     step_in_epoch: s + 1,
                 };
                 let b = self.cfg.worker_batch() as f64;
-                self.window.add_step(&stats, b, (t1 - t0).as_secs_f64());
+                self.window.add_step(&stats, b, compute_s);
                 self.epoch_window.add_step(&stats, b, 0.0);
                 let delta_step = report.as_ref().is_some_and(|r| r.delta.is_some());
                 if self.pos.step.is_multiple_of(t.log_every as u64) || delta_step || report.is_none() {
@@ -211,8 +231,17 @@ impl Worker {
     }
 
     /// This worker's batch through the task; the gradient goes to the engine.
-    /// Also says whether the gradient is finite.
-    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats)> {
+    /// Also says whether the gradient is finite, and the seconds it took (without the wait for a
+    /// turn on a shared GPU).
+    fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats, f64)> {
+        self.in_turn(|w| {
+            let t0 = Instant::now();
+            let (loss, finite, stats) = w.forward_backward_now(order, epoch, s)?;
+            Ok((loss, finite, stats, t0.elapsed().as_secs_f64()))
+        })
+    }
+
+    fn forward_backward_now(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats)> {
         let idx = self.sampler.batch(order, s, self.rank());
         // Augmentation and dropout draw from a stream that is a function of (seed, step, rank):
         // resuming needs no RNG state.
@@ -400,7 +429,7 @@ impl Worker {
         self.model.set_flat_buffers(&bytes_to_f32s(&buf)?)?;
         let (p, r) = (self.comm.world_size(), self.rank());
         let idx: Vec<usize> = (r..self.task.test_len()).step_by(p).collect();
-        let s = self.task.eval(&self.model, &idx)?;
+        let s = self.in_turn(|w| w.task.eval(&w.model, &idx))?;
         let mine = [
             s.loss_sum,
             s.correct,

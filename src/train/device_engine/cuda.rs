@@ -4,12 +4,12 @@
 
 use super::Kernels;
 use crate::comm::Communicator;
-use crate::gpu::{DeviceSet, Gpu, Merger, Outputs, Pass1, ScatterCount, Selector};
+use crate::gpu::{DeviceSet, Gpu, Merger, Outputs, Pass1, RankGpu, ScatterCount, Selector};
 use crate::models::Model;
 use crate::sparse::SparseSet;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::op::BackpropOp;
-use candle_core::{CudaDevice, CudaStorage, DType, Device, Storage, Tensor};
+use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::Arc;
 
@@ -25,10 +25,12 @@ pub struct CudaKernels {
 
 impl CudaKernels {
     pub fn new(model: &Model) -> Result<Self> {
-        let Device::Cuda(cuda) = model.device().clone() else {
+        if !model.device().is_cuda() {
             bail!("the device engine needs a model on a CUDA device");
-        };
-        let gpu = Gpu::on_stream(cuda.cuda_stream()).context("loading the sparsification kernels")?;
+        }
+        let rank = RankGpu::adopt(model.device())?;
+        let cuda = rank.cuda().clone();
+        let gpu = Gpu::new(&rank).context("loading the sparsification kernels")?;
         let stream = gpu.stream.clone();
         Ok(Self {
             selector: Selector::new(&gpu, model.num_params())?,

@@ -15,8 +15,12 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+mod ledger;
 #[cfg(test)]
 mod tests;
+
+pub use ledger::Costs;
+use ledger::Ledger;
 
 use super::engine::{compressor_config, Engine, EngineState};
 use super::host_engine::optimizer;
@@ -36,6 +40,12 @@ use candle_core::Tensor;
 
 /// The device side of a step. `Buf` is a d-length f32 vector in device memory, `Set` a sparse set
 /// there with room for the step's k pairs (its length is known to whoever made it).
+///
+/// What each call costs the host, a contract the engine's `Ledger` counts by and every
+/// implementation keeps: `accumulate_select` and `merge_into` wait for the device once (their
+/// NaN checks read a few words back); `send_set`, `recv_set`, `exchange_set`, `broadcast_set` and
+/// `all_reduce` wait once (they return when the transfer is done); `download*` wait once;
+/// `zeros` and `all_reduce` allocate one d-length buffer; nothing else waits or allocates d floats.
 pub trait Kernels: Send {
     type Buf: Send;
     type Set: Send;
@@ -119,6 +129,12 @@ pub struct DeviceEngine<K: Kernels> {
     params: Tensor,
     sgd: TensorSgd,
     step: u64,
+    /// `1.0 * P` on the device, made once: a division by it keeps the host engine's bits, and a
+    /// scalar made each step would be a host-to-device copy each step.
+    world: Option<(usize, Tensor)>,
+    ledger: Ledger,
+    /// Print each step's costs (`GTOPK_DEBUG_COSTS=1`, rank 0).
+    announce: bool,
 }
 
 impl<K: Kernels> DeviceEngine<K> {
@@ -144,7 +160,40 @@ impl<K: Kernels> DeviceEngine<K> {
             step: 0,
             cfg: c,
             layout,
+            world: None,
+            ledger: Ledger::default(),
+            announce: false,
         })
+    }
+
+    /// Prints every step's costs to stderr when `GTOPK_DEBUG_COSTS` is set (for rank 0).
+    pub fn announcing(mut self, yes: bool) -> Self {
+        self.announce = yes && std::env::var_os("GTOPK_DEBUG_COSTS").is_some_and(|v| v != "0");
+        self
+    }
+
+    /// What the last finished step (load_grad to apply) cost the host.
+    pub fn last_costs(&self) -> Option<Costs> {
+        self.ledger.last()
+    }
+
+    /// `all_finite`, counted.
+    fn finite(&mut self, t: &Tensor) -> Result<bool> {
+        let (ok, made) = all_finite(t)?;
+        self.ledger.sync(1 + u32::from(made > 0));
+        self.ledger.alloc(made);
+        Ok(ok)
+    }
+
+    fn world_tensor(&mut self, world: usize, device: &candle_core::Device) -> Result<Tensor> {
+        match &self.world {
+            Some((p, t)) if *p == world => Ok(t.clone()),
+            _ => {
+                let t = Tensor::new(world as f32, device)?;
+                self.world = Some((world, t.clone()));
+                Ok(t)
+            }
+        }
     }
 
     fn d(&self) -> usize {
@@ -168,8 +217,10 @@ impl<K: Kernels> DeviceEngine<K> {
             .kernels
             .accumulate_select(residual, grad, k)
             .context("accumulating the gradient into the residual")?;
+        self.ledger.sync(1);
         let origin_index = self.cfg.residual_policy == ResidualPolicy::OriginIndex;
         let mine = if want_acc || self.cfg.method == Method::Topk || origin_index {
+            self.ledger.sync(1);
             Some(self.kernels.download_set(&set, k)?)
         } else {
             None
@@ -177,6 +228,8 @@ impl<K: Kernels> DeviceEngine<K> {
         // The accumulator is what the residual holds now plus what was taken out of it.
         let acc = match (&mine, want_acc) {
             (Some(m), true) => {
+                self.ledger.sync(1);
+                let residual = self.residual.as_mut().context("a sparse method keeps a residual")?;
                 let mut a = self.kernels.download(residual)?;
                 m.scatter_add(&mut a);
                 Some(a)
@@ -205,6 +258,7 @@ impl<K: Kernels> DeviceEngine<K> {
                     GtopkAlgo::RecursiveDoubling => self.recursive_doubling(comm, set, k)?,
                 };
                 if let Some(mine) = mine.filter(|_| origin_index) {
+                    self.ledger.sync(1);
                     let back = not_in(&mine, &self.kernels.download_set(&global, k)?)?;
                     let residual = self.residual.as_mut().context("a sparse method keeps a residual")?;
                     self.kernels.scatter(&back, 1.0, residual)?;
@@ -224,6 +278,7 @@ impl<K: Kernels> DeviceEngine<K> {
         } else {
             None
         };
+        self.ledger.sync(1);
         self.kernels.merge_into(set, other, k, residual)
     }
 
@@ -234,12 +289,14 @@ impl<K: Kernels> DeviceEngine<K> {
         'rounds: for (r, round) in tree_schedule(world).iter().enumerate() {
             for &(from, to) in round {
                 if from == rank {
+                    self.ledger.sync(1);
                     self.kernels
                         .send_set(comm, to, &set, k)
                         .with_context(|| format!("gtop-k tree round {r}"))?;
                     break 'rounds;
                 }
                 if to == rank {
+                    self.ledger.sync(1);
                     let other = self
                         .kernels
                         .recv_set(comm, from, k)
@@ -249,6 +306,7 @@ impl<K: Kernels> DeviceEngine<K> {
             }
         }
         if world > 1 {
+            self.ledger.sync(1);
             self.kernels
                 .broadcast_set(comm, 0, &mut set, k)
                 .context("gtop-k tree: broadcast of the global set")?;
@@ -265,15 +323,18 @@ impl<K: Kernels> DeviceEngine<K> {
         let s = recursive_doubling_schedule(world);
         if rank >= s.core {
             let partner = rank - s.core;
+            self.ledger.sync(1);
             self.kernels
                 .send_set(comm, partner, &set, k)
                 .context("gtop-k recursive doubling: pre-fold")?;
+            self.ledger.sync(1);
             return self
                 .kernels
                 .recv_set(comm, partner, k)
                 .context("gtop-k recursive doubling: final set");
         }
         if rank + s.core < world {
+            self.ledger.sync(1);
             let other = self
                 .kernels
                 .recv_set(comm, rank + s.core, k)
@@ -282,6 +343,7 @@ impl<K: Kernels> DeviceEngine<K> {
         }
         for r in 0..s.rounds.len() as u32 {
             let peer = rank ^ (1 << r);
+            self.ledger.sync(1);
             let other = self
                 .kernels
                 .exchange_set(comm, peer, &set, k)
@@ -289,6 +351,7 @@ impl<K: Kernels> DeviceEngine<K> {
             self.merge(&mut set, &other, k, group_leader(rank, r + 1) == rank)?;
         }
         if rank + s.core < world {
+            self.ledger.sync(1);
             self.kernels
                 .send_set(comm, rank + s.core, &set, k)
                 .context("gtop-k recursive doubling: post-fold")?;
@@ -306,6 +369,19 @@ fn not_in(mine: &SparseSet, global: &SparseSet) -> Result<SparseSet> {
 
 impl<K: Kernels> Engine for DeviceEngine<K> {
     fn load_grad(&mut self, model: &Model, grads: &GradStore, rank: usize, step: u64) -> Result<bool> {
+        // A step is load_grad to apply (or to the next load_grad, when one was skipped).
+        let costs = self.ledger.close();
+        if self.announce && self.step > 0 {
+            eprintln!(
+                "device engine, step {}: {} host waits, {} allocations of d = {} floats",
+                self.step,
+                costs.syncs,
+                costs.d_allocs,
+                self.d()
+            );
+        }
+        // One concatenation: the flat gradient.
+        self.ledger.alloc(1);
         let mut grad = model.flat_grad_tensor(grads)?;
         // Fault injection (tests of the non-finite handling) edits the first value.
         let mut probe = [0.0f32];
@@ -314,7 +390,7 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
             let head = Tensor::new(&probe, grad.device())?;
             grad = Tensor::cat(&[head, grad.narrow(0, 1, self.d() - 1)?], 0)?;
         }
-        let finite = all_finite(&grad)?;
+        let finite = self.finite(&grad)?;
         self.grad = Some(grad);
         Ok(finite)
     }
@@ -330,24 +406,28 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
         let mut timed = Timed::new(comm);
         let (update, k, acc) = match self.cfg.method {
             Method::Dense => {
+                self.ledger.sync(1);
+                self.ledger.alloc(2);
                 let sum = self.kernels.all_reduce(&mut timed, &grad)?;
                 let sum = self.kernels.tensor_of(sum)?;
                 // A division, not a product with 1/P: the host engine's bits.
-                let update = sum.broadcast_div(&Tensor::new(world as f32, sum.device())?)?;
-                self.update_finite = all_finite(&update)?;
+                let update = sum.broadcast_div(&self.world_tensor(world, sum.device())?)?;
+                self.update_finite = self.finite(&update)?;
                 (update, d, None)
             }
             _ => {
                 let k = self.layout.ks(density)?[0];
                 let Exchanged { global, acc } = self.sparse(&mut timed, &grad, k, opts.measure_delta)?;
-                // The update is global / P at the global set's indices and zero elsewhere.
+                // The update is global / P at the global set's indices and zero elsewhere. A fresh
+                // buffer each step (from the stream's pool): candle takes it over as a tensor.
+                self.ledger.alloc(1);
                 let mut sum = self.kernels.zeros(d)?;
                 match &global {
                     Global::Host(g) => self.kernels.scatter(g, world as f32, &mut sum)?,
                     Global::Device(g) => self.kernels.scatter_set(g, k, world as f32, &mut sum)?,
                 }
                 let update = self.kernels.tensor_of(sum)?;
-                self.update_finite = all_finite(&update)?;
+                self.update_finite = self.finite(&update)?;
                 (update, k, acc)
             }
         };
@@ -361,6 +441,7 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
         if let Some(mut a) = acc {
             comm.all_reduce_sum(&mut a)?;
             a.iter_mut().for_each(|x| *x /= world as f32);
+            self.ledger.sync(1);
             let (u, ks) = (update.to_vec1::<f32>()?, [k]);
             report.delta = delta_expected(&a, &u, &self.layout, &ks);
             let mut rng = Rng::derive(self.cfg.seed, "delta", self.step);
@@ -376,12 +457,21 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
     }
 
     fn apply(&mut self, model: &Model, lr: f32, clip: f32) -> Result<()> {
-        let update = clip_norm(self.update.take().context("apply before aggregate")?, clip)?;
+        let update = self.update.take().context("apply before aggregate")?;
+        if clip > 0.0 {
+            // The norm: a square (d floats) and a scalar read; a scaled copy when it clips.
+            self.ledger.sync(1);
+            self.ledger.alloc(1);
+        }
+        let (update, clipped) = clip_norm(update, clip)?;
+        self.ledger.alloc(u32::from(clipped));
         self.params = self.sgd.step(&self.params, &update, lr)?;
+        self.ledger.alloc(self.sgd.allocs);
+        // Views of the flat tensor copied into the variables: no allocation, and no wait: the
+        // optimizer's kernels run behind the host, which goes on to the next batch (their time
+        // falls into the next step's forward pass in the time split).
         model.set_flat_params_tensor(&self.params)?;
-        // The step's time split is measured on the host: without this wait the optimizer's kernels
-        // would be counted in the next forward pass.
-        Ok(model.device().synchronize()?)
+        Ok(())
     }
 
     fn state(&self) -> Result<EngineState> {

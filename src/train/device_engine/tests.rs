@@ -163,66 +163,73 @@ fn agree(sets: &[&str], exact: bool) {
     agree_on(3, sets, exact)
 }
 
-fn agree_on(ranks: usize, sets: &[&str], exact: bool) {
+/// `f` on every rank of a local group, each in its own thread, with the config `sets` and
+/// `dist.workers = ranks`; the ranks' results in rank order.
+fn on_ranks<T: Send + 'static>(
+    ranks: usize,
+    sets: &[&str],
+    f: impl Fn(Config, LocalComm) -> T + Clone + Send + 'static,
+) -> Vec<T> {
     let workers = format!("dist.workers={ranks}");
     let cfg = config(&[sets, &[workers.as_str()]].concat());
-    let comms = LocalComm::group(ranks, Duration::from_secs(20));
-    let handles: Vec<_> = comms
+    let handles: Vec<_> = LocalComm::group(ranks, Duration::from_secs(20))
         .into_iter()
-        .map(|mut comm| {
-            let cfg = cfg.clone();
-            std::thread::spawn(move || {
-                let rank = comm.rank();
-                let build = || Model::build(&cfg.model, 20, cfg.seed, &Device::Cpu).unwrap();
-                let (mh, md) = (build(), build());
-                let mut host = HostEngine::new(&cfg, &mh).unwrap();
-                let mut dev = DeviceEngine::new(&cfg, &md, kernels(&md)).unwrap();
-                for step in 1..=5u64 {
-                    let (gh, gd) = (grads(&mh, rank, step), grads(&md, rank, step));
-                    assert!(host.load_grad(&mh, &gh, rank, step).unwrap());
-                    assert!(dev.load_grad(&md, &gd, rank, step).unwrap());
-                    let opts = StepOptions {
-                        measure_delta: step == 3,
-                        check_conservation: false,
-                    };
-                    let density = if step == 1 { 0.3 } else { 0.05 };
-                    let rh = host.aggregate(&mut comm, density, opts).unwrap();
-                    let rd = dev.aggregate(&mut comm, density, opts).unwrap();
-                    assert_eq!((rh.k, rh.traffic), (rd.k, rd.traffic), "step {step}");
-                    if let (Some(a), Some(b)) = (rh.delta, rd.delta) {
-                        assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "delta {a} vs {b}");
-                    }
-                    assert_eq!(rh.delta.is_some(), rd.delta.is_some());
-                    assert!(host.update_finite().unwrap() && dev.update_finite().unwrap());
-                    // The clipping norm is a sum in another order: from then on only close.
-                    let clip = if step == 5 { 0.01 } else { 0.0 };
-                    host.apply(&mh, 0.5, clip).unwrap();
-                    dev.apply(&md, 0.5, clip).unwrap();
-                    let (ph, pd) = (mh.flat_params().unwrap(), md.flat_params().unwrap());
-                    let (sh, sd) = (host.state().unwrap(), dev.state().unwrap());
-                    if exact && clip == 0.0 {
-                        assert!(
-                            ph == pd,
-                            "rank {rank} step {step}: parameters differ by {}",
-                            max_diff(&ph, &pd)
-                        );
-                        assert!(sh == sd, "rank {rank} step {step}: states differ");
-                    } else {
-                        assert!(max_diff(&ph, &pd) < 1e-5, "rank {rank} step {step}: parameters");
-                        assert!(max_diff(&sh.residual, &sd.residual) < 1e-5, "rank {rank} step {step}");
-                    }
-                }
-                // A checkpoint's state goes into a fresh engine and comes out the same.
-                let state = dev.state().unwrap();
-                let mut again = DeviceEngine::new(&cfg, &md, kernels(&md)).unwrap();
-                again.load_state(&md, state.clone()).unwrap();
-                assert_eq!(again.state().unwrap(), state);
-            })
+        .map(|comm| {
+            let (cfg, f) = (cfg.clone(), f.clone());
+            std::thread::spawn(move || f(cfg, comm))
         })
         .collect();
-    for h in handles {
-        h.join().expect("a rank failed");
-    }
+    handles.into_iter().map(|h| h.join().expect("a rank failed")).collect()
+}
+
+fn agree_on(ranks: usize, sets: &[&str], exact: bool) {
+    on_ranks(ranks, sets, move |cfg, mut comm| {
+        let rank = comm.rank();
+        let build = || Model::build(&cfg.model, 20, cfg.seed, &Device::Cpu).unwrap();
+        let (mh, md) = (build(), build());
+        let mut host = HostEngine::new(&cfg, &mh).unwrap();
+        let mut dev = DeviceEngine::new(&cfg, &md, kernels(&md)).unwrap();
+        for step in 1..=5u64 {
+            let (gh, gd) = (grads(&mh, rank, step), grads(&md, rank, step));
+            assert!(host.load_grad(&mh, &gh, rank, step).unwrap());
+            assert!(dev.load_grad(&md, &gd, rank, step).unwrap());
+            let opts = StepOptions {
+                measure_delta: step == 3,
+                check_conservation: false,
+            };
+            let density = if step == 1 { 0.3 } else { 0.05 };
+            let rh = host.aggregate(&mut comm, density, opts).unwrap();
+            let rd = dev.aggregate(&mut comm, density, opts).unwrap();
+            assert_eq!((rh.k, rh.traffic), (rd.k, rd.traffic), "step {step}");
+            if let (Some(a), Some(b)) = (rh.delta, rd.delta) {
+                assert!((a - b).abs() <= 1e-6 * a.abs().max(1.0), "delta {a} vs {b}");
+            }
+            assert_eq!(rh.delta.is_some(), rd.delta.is_some());
+            assert!(host.update_finite().unwrap() && dev.update_finite().unwrap());
+            // The clipping norm is a sum in another order: from then on only close.
+            let clip = if step == 5 { 0.01 } else { 0.0 };
+            host.apply(&mh, 0.5, clip).unwrap();
+            dev.apply(&md, 0.5, clip).unwrap();
+            let (ph, pd) = (mh.flat_params().unwrap(), md.flat_params().unwrap());
+            let (sh, sd) = (host.state().unwrap(), dev.state().unwrap());
+            if exact && clip == 0.0 {
+                assert!(
+                    ph == pd,
+                    "rank {rank} step {step}: parameters differ by {}",
+                    max_diff(&ph, &pd)
+                );
+                assert!(sh == sd, "rank {rank} step {step}: states differ");
+            } else {
+                assert!(max_diff(&ph, &pd) < 1e-5, "rank {rank} step {step}: parameters");
+                assert!(max_diff(&sh.residual, &sd.residual) < 1e-5, "rank {rank} step {step}");
+            }
+        }
+        // A checkpoint's state goes into a fresh engine and comes out the same.
+        let state = dev.state().unwrap();
+        let mut again = DeviceEngine::new(&cfg, &md, kernels(&md)).unwrap();
+        again.load_state(&md, state.clone()).unwrap();
+        assert_eq!(again.state().unwrap(), state);
+    });
 }
 
 #[test]
@@ -298,4 +305,52 @@ fn a_bad_checkpoint_state_is_refused() {
         .unwrap_err()
         .to_string()
         .contains("momentum buffer"));
+}
+
+/// Each rank's costs (host waits, d-length allocations) of steps 1 and 2 on `ranks` ranks.
+fn costs_on(ranks: usize, sets: &[&str]) -> Vec<[Costs; 2]> {
+    on_ranks(ranks, sets, |cfg, mut comm| {
+        let rank = comm.rank();
+        let model = Model::build(&cfg.model, 20, cfg.seed, &Device::Cpu).unwrap();
+        let mut dev = DeviceEngine::new(&cfg, &model, kernels(&model)).unwrap();
+        let mut seen = Vec::new();
+        for step in 1..=3u64 {
+            assert!(dev.load_grad(&model, &grads(&model, rank, step), rank, step).unwrap());
+            seen.extend(dev.last_costs().filter(|_| step > 1));
+            if step == 3 {
+                break;
+            }
+            let opts = StepOptions::default();
+            dev.aggregate(&mut comm, 0.05, opts).unwrap();
+            dev.apply(&model, 0.5, 0.0).unwrap();
+        }
+        [seen[0], seen[1]]
+    })
+}
+
+/// The numbers docs/GPU.md states. SGD with momentum and weight decay makes 5 tensors of length
+/// d on its first step (the momentum buffer starts as a copy) and 7 after; the flat gradient is
+/// one more, the sparse update's zeroed buffer one more, dense's reduced copy and its division two.
+/// The waits: the gradient's and the update's finiteness (one scalar each), the selection's NaN
+/// word, each merge's outcome, and each communicator call.
+#[test]
+fn host_waits_and_allocations_per_step_are_as_documented() {
+    let c = |syncs, d_allocs| Costs { syncs, d_allocs };
+    let sgd = [5, 7];
+    let per_step = |syncs: u32, allocs: u32| [c(syncs, allocs + sgd[0]), c(syncs, allocs + sgd[1])];
+    // gTop-k's tree on 4 ranks: rank 0 receives and merges twice, rank 2 once, all get the broadcast.
+    assert_eq!(
+        costs_on(4, &["sparse.method=\"gtopk\""]),
+        vec![per_step(8, 2), per_step(5, 2), per_step(7, 2), per_step(5, 2)]
+    );
+    // Recursive doubling on 4 ranks: two exchanges and two merges each.
+    let rd = per_step(1 + 1 + 2 * 2 + 1, 2);
+    assert_eq!(
+        costs_on(4, &["sparse.method=\"gtopk\"", "sparse.gtopk=\"recursive-doubling\""]),
+        vec![rd; 4]
+    );
+    // Top-k: the selected set comes down for the all-gather.
+    assert_eq!(costs_on(2, &["sparse.method=\"topk\""]), vec![per_step(4, 2); 2]);
+    // Dense: the all-reduce.
+    assert_eq!(costs_on(2, &["sparse.method=\"dense\""]), vec![per_step(3, 3); 2]);
 }
