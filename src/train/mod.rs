@@ -14,6 +14,7 @@ pub mod spawn;
 mod stats;
 pub mod task;
 pub mod tensor_sgd;
+mod threads;
 mod worker;
 
 pub use device::gpus_visible;
@@ -334,6 +335,7 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let dev = device::open(&cfg.device, 0)?;
     let p = cfg.dist.workers;
     let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
+    let per_worker = threads::budget_per_worker(p);
     let handles: Vec<_> = comms
         .into_iter()
         .map(|comm| {
@@ -349,11 +351,14 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
-                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
-                    if let Some(dir) = &resume_from {
-                        w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
-                    }
-                    w.run(progress).map_err(|e| ranked(rank, e))
+                    threads::run_in_pool(per_worker, &format!("worker-{rank}"), move || {
+                        let mut w =
+                            Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
+                        if let Some(dir) = &resume_from {
+                            w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+                        }
+                        w.run(progress).map_err(|e| ranked(rank, e))
+                    })?
                 })
                 .expect("spawn worker thread")
         })
