@@ -5,6 +5,7 @@
 //! 5 x 800: about 27.6M parameters. Names follow deepspeech.pytorch's state dict.
 
 use super::builder::{Builder, Init};
+use super::conv::ConvParams;
 use super::layers::{batch_norm, bn, Conv2d, Linear};
 use super::lstm::Lstm;
 use candle_core::{Module, Result, Tensor};
@@ -42,11 +43,18 @@ impl DeepSpeech {
         let seq = b.pp("conv").pp("seq_module");
         let conv1_init = uniform(41 * 11);
         let conv2_init = uniform(ch * 21 * 11);
-        // Kernels (41, 11) and (21, 11) over (frequency, time); candle's conv2d takes one padding and
-        // stride for both axes, so per-axis padding and conv 2's (2, 1) stride are done in `forward`.
-        let conv1 = Conv2d::new_rect(&seq.pp(0), 1, ch, (41, 11), 2, conv1_init, Some(conv1_init))?;
+        // Kernels (41, 11) and (21, 11) over (frequency, time), as deepspeech.pytorch.
+        let p1 = ConvParams {
+            stride: (2, 2),
+            padding: (20, 5),
+        };
+        let p2 = ConvParams {
+            stride: (2, 1),
+            padding: (10, 5),
+        };
+        let conv1 = Conv2d::with_kernel(&seq.pp(0), 1, ch, (41, 11), p1, conv1_init, Some(conv1_init))?;
         let bn1 = batch_norm(&seq.pp(1), ch)?;
-        let conv2 = Conv2d::new_rect(&seq.pp(3), ch, ch, (21, 11), 1, conv2_init, Some(conv2_init))?;
+        let conv2 = Conv2d::with_kernel(&seq.pp(3), ch, ch, (21, 11), p2, conv2_init, Some(conv2_init))?;
         let bn2 = batch_norm(&seq.pp(4), ch)?;
         let f1 = (bins + 2 * 20 - 41) / 2 + 1;
         let f2 = (f1 + 2 * 10 - 21) / 2 + 1;
@@ -82,18 +90,8 @@ impl DeepSpeech {
 
     /// Log-probabilities [T', N, classes] (time-major, for CTC) of spectrograms [N, 1, bins, T].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        // Conv 1: padding (20, 5), stride (2, 2). candle's conv backward assumes both axes leave the
-        // same remainder after striding; an even frame count gets one more zero frame, whose extra
-        // output frame is dropped again.
-        let frames = x.dim(3)?;
-        let extra = usize::from(frames % 2 == 0);
-        let x = x.pad_with_zeros(2, 20, 20)?.pad_with_zeros(3, 5, 5 + extra)?;
-        let y = self.conv1.forward(&x)?.narrow(3, 0, output_frames(frames))?;
-        let y = hardtanh(&bn(&self.bn1, &y, train)?)?;
-        // Conv 2: padding (10, 5), stride (2, 1).
-        let y = y.pad_with_zeros(2, 10, 10)?.pad_with_zeros(3, 5, 5)?;
-        let y = subsample(&self.conv2.forward(&y)?, 2, 1)?;
-        let y = hardtanh(&bn(&self.bn2, &y, train)?)?;
+        let y = hardtanh(&bn(&self.bn1, &self.conv1.forward(x)?, train)?)?;
+        let y = hardtanh(&bn(&self.bn2, &self.conv2.forward(&y)?, train)?)?;
         let (n, c, f, t) = y.dims4()?;
         // [N, C * F, T] -> [T, N, C * F]
         let mut h = y.reshape((n, c * f, t))?.permute((2, 0, 1))?.contiguous()?;
@@ -125,15 +123,4 @@ impl DeepSpeech {
         }
         Ok(out)
     }
-}
-
-/// x[:, :, ::sf, ::st] by a reshape (candle's strided conv is one stride for both axes).
-fn subsample(x: &Tensor, sf: usize, st: usize) -> Result<Tensor> {
-    let (n, c, f, t) = x.dims4()?;
-    let (f2, t2) = (f.div_ceil(sf), t.div_ceil(st));
-    let x = x.pad_with_zeros(2, 0, f2 * sf - f)?.pad_with_zeros(3, 0, t2 * st - t)?;
-    x.reshape((n, c, f2, sf, t2, st))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, f2, t2))
 }
