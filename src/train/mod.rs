@@ -245,6 +245,9 @@ const SPAWN_GRACE: Duration = Duration::from_secs(5);
 fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: Transport) -> Result<Summary> {
     let started = Instant::now();
     let rank = info.rank;
+    // One worker in this process: its share of the cores is what the launcher gave it.
+    threads::budget_per_worker(1);
+    threads::keep_freed_memory();
     if info.world_size != cfg.dist.workers {
         bail!(
             "rank {rank}: dist.workers = {} but the launcher started {} processes ({} world size)",
@@ -336,6 +339,7 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let p = cfg.dist.workers;
     let comms = LocalComm::group(p, Duration::from_secs_f64(cfg.dist.timeout));
     let per_worker = threads::budget_per_worker(p);
+    threads::keep_freed_memory();
     let handles: Vec<_> = comms
         .into_iter()
         .map(|comm| {
