@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""One PyTorch training step of ResNet-20 or VGG-16 (CIFAR-10), timed, to set beside our trainer.
+"""One PyTorch training step of ResNet-20, VGG-16 (CIFAR-10), the PTB LSTM language model or the
+AN4 acoustic model, timed, to set beside our trainer (`gtopk bench step`, scripts/bench-vs-torch.sh).
 
 A step is forward, cross-entropy, backward, SGD (lr 0.1, momentum 0.9, weight decay 1e-4 on every
 parameter) on synthetic data made once on the device, so data loading is not timed. --batch is the
@@ -19,6 +20,7 @@ import sys
 import time
 
 PARAMS = {"resnet20": 269_722, "vgg16": 14_728_266}  # what our Rust models have; asserted below
+MODELS = sorted(PARAMS) + ["lstm-ptb", "lstm-an4"]
 
 
 def build(name, nn, torch):
@@ -88,9 +90,79 @@ def build(name, nn, torch):
     return {"resnet20": ResNet20, "vgg16": Vgg16}[name]()
 
 
+def build_sequence(name, a, nn, torch):
+    """src/models/ptb_lm.rs and src/models/deepspeech.rs, with a's sizes, and a loss over a batch of
+    synthetic inputs: returns (model, make_batch(b) -> inputs, loss(model, inputs) -> scalar)."""
+    F = torch.nn.functional
+    if name == "lstm-ptb":
+        class PtbLm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.word_embeddings = nn.Embedding(a.vocab, a.hidden)
+                self.lstm = nn.LSTM(a.hidden, a.hidden, a.layers, dropout=a.dropout)
+                self.sm_fc = nn.Linear(a.hidden, a.vocab)
+                self.drop = nn.Dropout(a.dropout)
+
+            def forward(self, tokens):  # [T, B] -> [T * B, V]
+                out, _ = self.lstm(self.drop(self.word_embeddings(tokens)))
+                return self.sm_fc(self.drop(out)).flatten(0, 1)
+
+        def batch(b, dev):
+            return torch.randint(0, a.vocab, (a.seq_len + 1, b), device=dev)
+
+        def loss(m, tokens):
+            return F.cross_entropy(m(tokens[:-1]), tokens[1:].flatten())
+
+        return PtbLm(), batch, loss
+
+    ch, bins, context, classes = a.conv_channels, 161, 20, 29
+
+    class DeepSpeech(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Sequential(
+                nn.Conv2d(1, ch, (41, 11), (2, 2), (20, 5)), nn.BatchNorm2d(ch), nn.Hardtanh(0, 20),
+                nn.Conv2d(ch, ch, (21, 11), (2, 1), (10, 5)), nn.BatchNorm2d(ch), nn.Hardtanh(0, 20))
+            f1 = (bins + 40 - 41) // 2 + 1
+            f2 = (f1 + 20 - 21) // 2 + 1
+            ins = [ch * f2] + [a.hidden] * (a.layers - 1)
+            self.norms = nn.ModuleList([nn.Identity()] + [nn.BatchNorm1d(d) for d in ins[1:]])
+            self.rnns = nn.ModuleList([nn.LSTM(d, a.hidden) for d in ins])
+            self.lookahead = nn.Conv1d(a.hidden, a.hidden, context + 1, groups=a.hidden, bias=False)
+            self.fc_bn = nn.BatchNorm1d(a.hidden)
+            self.fc = nn.Linear(a.hidden, classes, bias=False)
+
+        def forward(self, x):  # [N, 1, bins, T] -> log-probabilities [T', N, classes]
+            y = self.conv(x)
+            n, c, f, t = y.shape
+            h = y.reshape(n, c * f, t).permute(2, 0, 1)
+            for norm, rnn in zip(self.norms, self.rnns):
+                if not isinstance(norm, nn.Identity):
+                    h = norm(h.reshape(t * n, -1)).reshape(t, n, -1)
+                h, _ = rnn(h)
+            la = self.lookahead(F.pad(h.permute(1, 2, 0), (0, context)))  # [N, H, T]
+            h = F.hardtanh(la, 0, 20).permute(2, 0, 1)
+            z = self.fc_bn(h.reshape(t * n, -1))
+            return F.log_softmax(self.fc(z).reshape(t, n, -1), 2)
+
+    def batch(b, dev):
+        x = torch.randn(b, 1, bins, a.frames, device=dev)
+        labels = torch.randint(1, classes, (b, a.labels), device=dev)
+        return x, labels
+
+    def loss(m, inputs):
+        x, labels = inputs
+        logp = m(x)
+        t, n = logp.shape[0], logp.shape[1]
+        return F.ctc_loss(logp, labels, torch.full((n,), t, dtype=torch.long),
+                          torch.full((n,), labels.shape[1], dtype=torch.long), zero_infinity=True)
+
+    return DeepSpeech(), batch, loss
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, choices=sorted(PARAMS))
+    ap.add_argument("--model", required=True, choices=MODELS)
     ap.add_argument("--batch", type=int, default=128, help="total batch B over all workers")
     ap.add_argument("--steps", type=int, default=50, help="timed iterations")
     ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
@@ -99,6 +171,16 @@ def main() -> int:
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--tf32", action="store_true", help="allow TF32 in matmul and cuDNN (off: exact fp32)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU; default: torch's choice)")
+    seq = ap.add_argument_group("lstm-ptb and lstm-an4 sizes (configs/lstm_*_synthetic.toml)")
+    seq.add_argument("--hidden", type=int, default=256)
+    seq.add_argument("--layers", type=int, default=2)
+    seq.add_argument("--vocab", type=int, default=1000)
+    seq.add_argument("--seq-len", type=int, default=35)
+    seq.add_argument("--dropout", type=float, default=0.2)
+    seq.add_argument("--conv-channels", type=int, default=8)
+    seq.add_argument("--frames", type=int, default=100, help="lstm-an4: spectrogram frames per utterance")
+    seq.add_argument("--labels", type=int, default=10, help="lstm-an4: CTC target length")
     a = ap.parse_args()
     if a.steps < 1 or a.warmup < 0 or a.workers < 1 or a.batch < 1:
         ap.error("need --steps >= 1, --warmup >= 0, --workers >= 1, --batch >= 1")
@@ -116,6 +198,8 @@ def main() -> int:
         return 1
 
     torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     # cuDNN enables TF32 convolutions by default; set both switches so "off" really means fp32.
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = a.tf32
@@ -124,14 +208,19 @@ def main() -> int:
     cuda = dev.type == "cuda"
     P, b = a.workers, a.batch // a.workers
 
-    model = build(a.model, nn, torch)
+    if a.model in PARAMS:
+        model = build(a.model, nn, torch)
+        make_batch = lambda b, dev: (torch.randn(b, 3, 32, 32, device=dev), torch.randint(0, 10, (b,), device=dev))
+        loss_of = lambda m, xy: nn.functional.cross_entropy(m(xy[0]), xy[1])
+    else:
+        model, make_batch, loss_of = build_sequence(a.model, a, nn, torch)
     n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == PARAMS[a.model], f"{a.model}: {n_params} parameters, ours has {PARAMS[a.model]}"
+    if a.model in PARAMS:
+        assert n_params == PARAMS[a.model], f"{a.model}: {n_params} parameters, ours has {PARAMS[a.model]}"
     # deepcopy so every replica starts from the same weights, as our workers do from one seed.
     replicas = [model.to(dev).train()] + [copy.deepcopy(model) for _ in range(P - 1)]
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in replicas]
-    data = [(torch.randn(b, 3, 32, 32, device=dev), torch.randint(0, 10, (b,), device=dev)) for _ in range(P)]
-    loss_fn = nn.CrossEntropyLoss()
+    data = [make_batch(b, dev) for _ in range(P)]
 
     def now():
         """A timestamp: a recorded CUDA event (read after the sync) or a CPU clock."""
@@ -146,9 +235,9 @@ def main() -> int:
 
     def iteration():
         t0 = now()
-        for m, (x, y) in zip(replicas, data):  # compute: fwd + bwd, replicas one after another
+        for m, inputs in zip(replicas, data):  # compute: fwd + bwd, replicas one after another
             m.zero_grad(set_to_none=False)
-            loss_fn(m(x), y).backward()
+            loss_of(m, inputs).backward()
         t1 = now()
         if P > 1:  # aggregation: dense mean of the P gradients, copied into every replica
             grads = [[p.grad for p in m.parameters()] for m in replicas]
@@ -176,7 +265,7 @@ def main() -> int:
         "model": a.model, "params": n_params, "device": a.device,
         "gpu": torch.cuda.get_device_name(dev) if cuda else None,
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-        "batch": a.batch, "workers": P, "batch_per_worker": b, "steps": a.steps, "warmup": a.warmup,
+        "batch": a.batch, "workers": P, "batch_per_worker": b, "threads": torch.get_num_threads(), "steps": a.steps, "warmup": a.warmup,
         "cudnn_benchmark": a.cudnn_benchmark, "tf32": a.tf32, "aggregation": "dense mean (sum/P)",
         "median_iter_s": med[0], "samples_per_s": a.batch / med[0],
         "compute_s": med[1], "aggregation_s": med[2], "optimizer_s": med[3],

@@ -5,6 +5,7 @@
 //! 5 x 800: about 27.6M parameters. Names follow deepspeech.pytorch's state dict.
 
 use super::builder::{Builder, Init};
+use super::conv::ConvParams;
 use super::layers::{batch_norm, bn, Conv2d, Linear};
 use super::lstm::Lstm;
 use candle_core::{Module, Result, Tensor};
@@ -42,11 +43,18 @@ impl DeepSpeech {
         let seq = b.pp("conv").pp("seq_module");
         let conv1_init = uniform(41 * 11);
         let conv2_init = uniform(ch * 21 * 11);
-        // Kernels (41, 11) and (21, 11) over (frequency, time); candle's conv2d takes one padding and
-        // stride for both axes, so per-axis padding and conv 2's (2, 1) stride are done in `forward`.
-        let conv1 = Conv2d::new_rect(&seq.pp(0), 1, ch, (41, 11), 2, conv1_init, Some(conv1_init))?;
+        // Kernels (41, 11) and (21, 11) over (frequency, time), as deepspeech.pytorch.
+        let p1 = ConvParams {
+            stride: (2, 2),
+            padding: (20, 5),
+        };
+        let p2 = ConvParams {
+            stride: (2, 1),
+            padding: (10, 5),
+        };
+        let conv1 = Conv2d::with_kernel(&seq.pp(0), 1, ch, (41, 11), p1, conv1_init, Some(conv1_init))?;
         let bn1 = batch_norm(&seq.pp(1), ch)?;
-        let conv2 = Conv2d::new_rect(&seq.pp(3), ch, ch, (21, 11), 1, conv2_init, Some(conv2_init))?;
+        let conv2 = Conv2d::with_kernel(&seq.pp(3), ch, ch, (21, 11), p2, conv2_init, Some(conv2_init))?;
         let bn2 = batch_norm(&seq.pp(4), ch)?;
         let f1 = (bins + 2 * 20 - 41) / 2 + 1;
         let f2 = (f1 + 2 * 10 - 21) / 2 + 1;
@@ -94,18 +102,13 @@ impl DeepSpeech {
             candle_core::bail!("DeepSpeech: frame counts {frames:?} for a batch of {n} x {t_in} frames");
         }
         let lengths: Vec<usize> = frames.iter().map(|&f| output_frames(f)).collect();
-        // Conv 1: padding (20, 5), stride (2, 2). candle's conv backward assumes both axes leave the
-        // same remainder after striding; an even frame count gets one more zero frame, whose extra
-        // output frame is dropped again.
-        let extra = usize::from(t_in % 2 == 0);
-        let x = x.pad_with_zeros(2, 20, 20)?.pad_with_zeros(3, 5, 5 + extra)?;
-        let y = self.conv1.forward(&x)?.narrow(3, 0, output_frames(t_in))?;
+        // Conv 1: padding (20, 5), stride (2, 2); conv 2: padding (10, 5), stride (2, 1), so the
+        // time axis keeps conv 1's length.
+        let y = self.conv1.forward(x)?;
         let mask = time_mask(&lengths, y.dim(3)?, (n, 1, 1, ()), y.device())?;
         let y = y.broadcast_mul(&mask)?;
         let y = hardtanh(&bn(&self.bn1, &y, train)?.broadcast_mul(&mask)?)?;
-        // Conv 2: padding (10, 5), stride (2, 1): the time axis keeps its length.
-        let y = y.pad_with_zeros(2, 10, 10)?.pad_with_zeros(3, 5, 5)?;
-        let y = subsample(&self.conv2.forward(&y)?, 2, 1)?.broadcast_mul(&mask)?;
+        let y = self.conv2.forward(&y)?.broadcast_mul(&mask)?;
         let y = hardtanh(&bn(&self.bn2, &y, train)?.broadcast_mul(&mask)?)?;
         let (n, c, f, t) = y.dims4()?;
         let step_mask = time_mask(&lengths, t, (n, t), y.device())?.t()?.reshape((t, n, 1))?;
@@ -153,17 +156,6 @@ fn time_mask(
         .flat_map(|&len| (0..t).map(move |i| if i < len { 1.0 } else { 0.0 }))
         .collect();
     Tensor::from_vec(m, (lengths.len(), t), dev)?.reshape(shape)
-}
-
-/// x[:, :, ::sf, ::st] by a reshape (candle's strided conv is one stride for both axes).
-fn subsample(x: &Tensor, sf: usize, st: usize) -> Result<Tensor> {
-    let (n, c, f, t) = x.dims4()?;
-    let (f2, t2) = (f.div_ceil(sf), t.div_ceil(st));
-    let x = x.pad_with_zeros(2, 0, f2 * sf - f)?.pad_with_zeros(3, 0, t2 * st - t)?;
-    x.reshape((n, c, f2, sf, t2, st))?
-        .narrow(3, 0, 1)?
-        .narrow(5, 0, 1)?
-        .reshape((n, c, f2, t2))
 }
 
 #[cfg(test)]

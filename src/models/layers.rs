@@ -2,15 +2,16 @@
 //! PyTorch names.
 
 use super::builder::{Builder, Init};
+use super::conv::{self, ConvParams};
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::BatchNorm;
 
 /// 2-D convolution, weight [out, in, kh, kw], and a bias when `bias` says how to initialise one.
+/// Runs on our own convolution (`conv`), whose three passes are GEMMs on every device.
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
+    params: ConvParams,
 }
 
 impl Conv2d {
@@ -25,30 +26,16 @@ impl Conv2d {
         init: Init,
         bias: Option<Init>,
     ) -> Result<Self> {
-        Self::with_kernel(b, cin, cout, (k, k), stride, padding, init, bias)
+        Self::with_kernel(b, cin, cout, (k, k), ConvParams::square(stride, padding), init, bias)
     }
 
-    /// An unpadded convolution with a rectangular (height, width) kernel.
-    pub fn new_rect(
+    /// A rectangular (height, width) kernel with per-axis stride and padding.
+    pub fn with_kernel(
         b: &Builder,
         cin: usize,
         cout: usize,
         kernel: (usize, usize),
-        stride: usize,
-        init: Init,
-        bias: Option<Init>,
-    ) -> Result<Self> {
-        Self::with_kernel(b, cin, cout, kernel, stride, 0, init, bias)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn with_kernel(
-        b: &Builder,
-        cin: usize,
-        cout: usize,
-        kernel: (usize, usize),
-        stride: usize,
-        padding: usize,
+        params: ConvParams,
         init: Init,
         bias: Option<Init>,
     ) -> Result<Self> {
@@ -57,18 +44,13 @@ impl Conv2d {
             Some(i) => Some(b.var("bias", cout, i)?),
             None => None,
         };
-        Ok(Self {
-            weight,
-            bias,
-            stride,
-            padding,
-        })
+        Ok(Self { weight, bias, params })
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let y = conv::conv2d(x, &self.weight, self.params)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(y),

@@ -2,6 +2,7 @@
 //! gradient layout that every worker shares; BN running statistics are buffers, kept out of it.
 
 pub mod builder;
+pub mod conv;
 pub mod ctc;
 pub mod deepspeech;
 pub mod dropout;

@@ -15,6 +15,7 @@ pub mod spawn;
 mod stats;
 pub mod task;
 pub mod tensor_sgd;
+mod threads;
 mod worker;
 
 pub use device::gpus_visible;
@@ -265,6 +266,9 @@ const SPAWN_GRACE: Duration = Duration::from_secs(5);
 fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: Transport) -> Result<Summary> {
     let started = Instant::now();
     let rank = info.rank;
+    // One worker in this process: its share of the cores is what the launcher gave it.
+    threads::budget_per_worker(1);
+    threads::keep_freed_memory();
     if info.world_size != cfg.dist.workers {
         bail!(
             "rank {rank}: dist.workers = {} but the launcher started {} processes ({} world size)",
@@ -359,6 +363,8 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     let timeout = Duration::from_secs_f64(cfg.dist.timeout);
     let comms = LocalComm::group(p, timeout);
     let turns = gpu_turns::for_workers(&dev, p, timeout);
+    let per_worker = threads::budget_per_worker(p);
+    threads::keep_freed_memory();
     let handles: Vec<_> = comms
         .into_iter()
         .zip(turns)
@@ -375,14 +381,17 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                 .name(format!("worker-{}", comm.rank()))
                 .spawn(move || -> Result<(Option<EvalStats>, u64)> {
                     let rank = comm.rank();
-                    let mut w = Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
-                    if let Some(turn) = turn {
-                        w.take_turns(turn);
-                    }
-                    if let Some(dir) = &resume_from {
-                        w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
-                    }
-                    w.run(progress).map_err(|e| ranked(rank, e))
+                    threads::run_in_pool(per_worker, &format!("worker-{rank}"), move || {
+                        let mut w =
+                            Worker::new(&cfg, run_dir, Box::new(comm), &data, &dev).map_err(|e| ranked(rank, e))?;
+                        if let Some(turn) = turn {
+                            w.take_turns(turn);
+                        }
+                        if let Some(dir) = &resume_from {
+                            w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+                        }
+                        w.run(progress).map_err(|e| ranked(rank, e))
+                    })?
                 })
                 .expect("spawn worker thread")
         })

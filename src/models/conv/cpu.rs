@@ -1,0 +1,308 @@
+//! The CPU convolution: three GEMM passes over im2col matrices, hooked into candle's autograd as
+//! custom ops (the forward's `bwd` runs the two gradient ops).
+//!
+//! Per sample, with col = im2col(x) [CK, L] and W as [O, CK]:
+//! forward y = W col; input gradient dx = col2im(W^T dy); weight gradient dW = sum over the
+//! batch of dy col^T. Samples run in parallel on the current rayon pool (a worker's own pool in
+//! training, `RAYON_NUM_THREADS` threads otherwise), each GEMM single-threaded; a batch of one
+//! hands the pool to the GEMM instead.
+
+use super::geometry::{ConvParams, Geometry};
+use super::im2col::{col2im, im2col};
+use super::workspace::Elem;
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+pub fn conv2d(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Forward(p))
+}
+
+/// A row-major view of a matrix inside a slice: element (i, j) at `rs * i + cs * j`.
+struct Mat<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    fn rows(data: &'a [T], stride: usize) -> Self {
+        Self {
+            data,
+            rs: stride,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of the row-major matrix with row stride `stride` stored in `data`.
+    fn transposed(data: &'a [T], stride: usize) -> Self {
+        Self {
+            data,
+            rs: 1,
+            cs: stride,
+        }
+    }
+
+    fn check(&self, rows: usize, cols: usize) {
+        assert!(
+            rows == 0 || cols == 0 || self.data.len() > (rows - 1) * self.rs + (cols - 1) * self.cs,
+            "gemm operand of {} values too small for {rows}x{cols}",
+            self.data.len()
+        );
+    }
+}
+
+/// c [m, n] (row-major, contiguous) = (c if `accumulate`) + a [m, k] b [k, n].
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [T],
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    par: Parallelism,
+) {
+    assert_eq!(c.len(), m * n, "gemm destination");
+    a.check(m, k);
+    b.check(k, n);
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: the checks above keep every index of a, b and c inside its slice.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// GEMM threading for one sample's product when the samples themselves do not fill the pool.
+fn inner_parallelism(parallel_samples: usize) -> Parallelism {
+    let t = rayon::current_num_threads();
+    if parallel_samples == 1 && t > 1 {
+        Parallelism::Rayon(t)
+    } else {
+        Parallelism::None
+    }
+}
+
+/// Runs `f(sample, its slice of out, gemm threading)` for every sample, in parallel.
+fn for_each_sample<T: Elem>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T], Parallelism) + Sync) {
+    let per = out.len() / n.max(1);
+    if n == 1 {
+        f(0, out, inner_parallelism(1));
+    } else {
+        out.par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(i, o)| f(i, o, Parallelism::None));
+    }
+}
+
+fn forward<T: Elem>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+    let (ck, l, xl) = (g.ck(), g.l(), g.input_len());
+    let mut y = vec![T::ZERO; g.n * g.o * l];
+    for_each_sample(&mut y, g.n, |i, y_i, par| {
+        T::with_workspace(ck * l, |col| {
+            im2col(g, &x[i * xl..(i + 1) * xl], col);
+            gemm_into((g.o, l, ck), y_i, false, Mat::rows(w, ck), Mat::rows(col, l), par);
+        })
+    });
+    y
+}
+
+fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+    let (ck, l, ol) = (g.ck(), g.l(), g.o * g.l());
+    let mut dx = vec![T::ZERO; g.n * g.input_len()];
+    for_each_sample(&mut dx, g.n, |i, dx_i, par| {
+        T::with_workspace(ck * l, |dcol| {
+            let dy_i = Mat::rows(&dy[i * ol..(i + 1) * ol], l);
+            gemm_into((ck, l, g.o), dcol, false, Mat::transposed(w, ck), dy_i, par);
+            col2im(g, dcol, dx_i);
+        })
+    });
+    dx
+}
+
+fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+    let (ck, l, ol, xl) = (g.ck(), g.l(), g.o * g.l(), g.input_len());
+    // One partial sum per thread, over a contiguous run of samples, added up at the end.
+    let chunks = g.n.min(rayon::current_num_threads()).max(1);
+    let per = g.n.div_ceil(chunks);
+    let par = inner_parallelism(chunks);
+    let partial = |chunk: usize| {
+        let mut acc = vec![T::ZERO; g.o * ck];
+        T::with_workspace(ck * l, |col| {
+            for i in chunk * per..((chunk + 1) * per).min(g.n) {
+                im2col(g, &x[i * xl..(i + 1) * xl], col);
+                let dy_i = Mat::rows(&dy[i * ol..(i + 1) * ol], l);
+                gemm_into((g.o, ck, l), &mut acc, true, dy_i, Mat::transposed(col, l), par);
+            }
+        });
+        acc
+    };
+    let parts: Vec<Vec<T>> = if chunks == 1 {
+        vec![partial(0)]
+    } else {
+        (0..chunks).into_par_iter().map(partial).collect()
+    };
+    let mut parts = parts.into_iter();
+    let mut dw = parts.next().unwrap_or_default();
+    for part in parts {
+        for (d, p) in dw.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+    dw
+}
+
+/// One of the three passes, on two contiguous operands of one element type.
+trait Pass {
+    fn run<T: Elem>(&self, g: &Geometry, a: &[T], b: &[T]) -> Vec<T>;
+}
+
+fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => bail!("conv2d: the {what} is not contiguous"),
+    }
+}
+
+fn apply(
+    pass: &impl Pass,
+    g: &Geometry,
+    (a, la, what_a): (&CpuStorage, &Layout, &str),
+    (b, lb, what_b): (&CpuStorage, &Layout, &str),
+) -> Result<CpuStorage> {
+    Ok(match (a, b) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            CpuStorage::F32(pass.run(g, contiguous(a, la, what_a)?, contiguous(b, lb, what_b)?))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            CpuStorage::F64(pass.run(g, contiguous(a, la, what_a)?, contiguous(b, lb, what_b)?))
+        }
+        _ => bail!(
+            "conv2d: {what_a} and {what_b} must both be f32 or both f64, got {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        ),
+    })
+}
+
+fn expect_dims(l: &Layout, want: (usize, usize, usize, usize), what: &str) -> Result<()> {
+    let want = [want.0, want.1, want.2, want.3];
+    if l.dims() != want {
+        bail!("conv2d: {what} has shape {:?}, expected {want:?}", l.dims());
+    }
+    Ok(())
+}
+
+/// (input, kernel) -> output; its backward runs the two gradient ops below.
+struct Forward(ConvParams);
+
+impl Pass for Forward {
+    fn run<T: Elem>(&self, g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+        forward(g, x, w)
+    }
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geometry::new(lx.dims(), lw.dims(), self.0)?;
+        let y = apply(self, &g, (x, lx, "input"), (w, lw, "kernel"))?;
+        Ok((y, g.output_dims().into()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &InputGrad {
+                p: self.0,
+                x: x.dims4()?,
+            },
+        )?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &WeightGrad {
+                p: self.0,
+                w: w.dims4()?,
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// (output gradient, kernel) -> input gradient, for an input of shape `x`.
+struct InputGrad {
+    p: ConvParams,
+    x: (usize, usize, usize, usize),
+}
+
+impl Pass for InputGrad {
+    fn run<T: Elem>(&self, g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+        input_grad(g, dy, w)
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-input-grad"
+    }
+
+    fn cpu_fwd(&self, dy: &CpuStorage, ldy: &Layout, w: &CpuStorage, lw: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = [self.x.0, self.x.1, self.x.2, self.x.3];
+        let g = Geometry::new(&x, lw.dims(), self.p)?;
+        expect_dims(ldy, g.output_dims(), "output gradient")?;
+        let dx = apply(self, &g, (dy, ldy, "output gradient"), (w, lw, "kernel"))?;
+        Ok((dx, self.x.into()))
+    }
+}
+
+/// (input, output gradient) -> kernel gradient, for a kernel of shape `w`.
+struct WeightGrad {
+    p: ConvParams,
+    w: (usize, usize, usize, usize),
+}
+
+impl Pass for WeightGrad {
+    fn run<T: Elem>(&self, g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+        weight_grad(g, x, dy)
+    }
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-im2col-weight-grad"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, dy: &CpuStorage, ldy: &Layout) -> Result<(CpuStorage, Shape)> {
+        let w = [self.w.0, self.w.1, self.w.2, self.w.3];
+        let g = Geometry::new(lx.dims(), &w, self.p)?;
+        expect_dims(ldy, g.output_dims(), "output gradient")?;
+        let dw = apply(self, &g, (x, lx, "input"), (dy, ldy, "output gradient"))?;
+        Ok((dw, self.w.into()))
+    }
+}
