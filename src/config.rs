@@ -95,27 +95,29 @@ pub struct ModelConfig {
     #[serde(default)]
     pub init_from: Option<String>,
     /// LSTM models: hidden size and LSTM layers (lstm-ptb: 1500 x 2; lstm-an4: 800 x 5), and
-    /// lstm-ptb's dropout probability.
-    #[serde(default)]
+    /// lstm-ptb's dropout probability (0.65). Unset keys stay unset in the saved config, so a
+    /// ResNet's records no LSTM sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<usize>,
-    #[serde(default = "default_dropout")]
-    pub dropout: f32,
+    /// f64, as TOML holds it: an f32 would be saved as 0.6499999761581421.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f64>,
     /// lstm-an4: channels of the two convolutions (the authors' 32; fewer for CPU smoke runs).
-    #[serde(default = "default_conv_channels")]
-    pub conv_channels: usize,
-}
-
-fn default_conv_channels() -> usize {
-    32
-}
-
-fn default_dropout() -> f32 {
-    0.65
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv_channels: Option<usize>,
 }
 
 impl ModelConfig {
+    pub fn dropout(&self) -> f64 {
+        self.dropout.unwrap_or(0.65)
+    }
+
+    pub fn conv_channels(&self) -> usize {
+        self.conv_channels.unwrap_or(32)
+    }
+
     pub fn hidden(&self) -> usize {
         self.hidden
             .unwrap_or(if self.arch == Arch::LstmAn4 { 800 } else { 1500 })
@@ -133,8 +135,8 @@ impl Default for ModelConfig {
             init_from: None,
             hidden: None,
             layers: None,
-            dropout: default_dropout(),
-            conv_channels: default_conv_channels(),
+            dropout: None,
+            conv_channels: None,
         }
     }
 }
@@ -189,7 +191,7 @@ pub struct DataConfig {
     pub synthetic_side: usize,
     /// Pixel noise of the synthetic images (standard deviation, 0..255 scale): the difficulty.
     #[serde(default = "default_synth_noise")]
-    pub synthetic_noise: f32,
+    pub synthetic_noise: f64,
     /// synthetic-text: vocabulary size (synthetic_train / synthetic_test count windows of seq_len).
     #[serde(default = "default_synth_vocab")]
     pub synthetic_vocab: usize,
@@ -205,7 +207,7 @@ fn default_seq_len() -> usize {
     35
 }
 
-fn default_synth_noise() -> f32 {
+fn default_synth_noise() -> f64 {
     96.0
 }
 
@@ -268,14 +270,18 @@ pub struct TrainConfig {
     /// Evaluate on the test split every this many epochs (0: only at the end).
     #[serde(default = "one")]
     pub eval_every_epochs: usize,
-    /// Checkpoint every this many steps (0: at the end only).
-    #[serde(default)]
+    /// Checkpoint every this many steps (0: only at the end and when interrupted). The default
+    /// bounds what a crash loses to 1000 steps; Ctrl-C and SIGTERM checkpoint the step they stop at.
+    #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: usize,
     /// How many published checkpoints to keep (the newest ones).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
     #[serde(default)]
     pub on_nonfinite: OnNonfinite,
+    /// Also write metrics.csv (the records of metrics.jsonl as one table) into the run directory.
+    #[serde(default)]
+    pub csv: bool,
 }
 
 fn default_decay() -> f64 {
@@ -286,6 +292,9 @@ fn one_f64() -> f64 {
 }
 fn default_log_every() -> usize {
     10
+}
+fn default_checkpoint_every() -> usize {
+    1000
 }
 fn default_keep() -> usize {
     2
@@ -495,18 +504,43 @@ pub struct DebugConfig {
 }
 
 impl Config {
-    /// Reads `path`, applies `--set key=value` overrides, and validates.
+    /// Reads `path`, applies `--set key=value` overrides, and validates. An error that one
+    /// override causes names that override, not the file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text, overrides).with_context(|| format!("invalid config {}", path.display()))
+        Self::parse(&text, overrides).map_err(|e| {
+            if e.is::<OverrideError>() {
+                e
+            } else {
+                e.context(format!("invalid config {}", path.display()))
+            }
+        })
     }
 
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut table: toml::Table = toml::from_str(text)?;
-        for o in overrides {
-            apply_override(&mut table, o)?;
-        }
-        let cfg: Config = toml::Value::Table(table).try_into()?;
+        let file: toml::Table = toml::from_str(text)?;
+        let with = |sets: &[String]| -> Result<toml::Table> {
+            let mut table = file.clone();
+            for o in sets {
+                apply_override(&mut table, o).map_err(|e| OverrideError(format!("{e:#}")))?;
+            }
+            Ok(table)
+        };
+        let read = |t: toml::Table| toml::Value::Table(t).try_into::<Config>();
+        let cfg = match read(with(overrides)?) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                let msg = with_suggestion(&e.to_string());
+                // The file alone reads: the first override after which it no longer does is at fault.
+                if !overrides.is_empty() && read(file.clone()).is_ok() {
+                    let n = (1..=overrides.len())
+                        .find(|&n| with(&overrides[..n]).map(read).is_ok_and(|r| r.is_err()))
+                        .unwrap_or(overrides.len());
+                    bail!(OverrideError(format!("--set {}: {msg}", overrides[n - 1])));
+                }
+                bail!("{msg}");
+            }
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -652,11 +686,11 @@ impl Config {
                 self.data.synthetic_vocab
             ));
         }
-        if self.model.hidden() == 0 || self.model.layers() == 0 || self.model.conv_channels == 0 {
+        if self.model.hidden() == 0 || self.model.layers() == 0 || self.model.conv_channels() == 0 {
             errs.push("model.hidden, model.layers and model.conv_channels must be at least 1".into());
         }
-        if !(0.0..1.0).contains(&self.model.dropout) {
-            errs.push(format!("model.dropout = {}: allowed [0, 1)", self.model.dropout));
+        if !(0.0..1.0).contains(&self.model.dropout()) {
+            errs.push(format!("model.dropout = {}: allowed [0, 1)", self.model.dropout()));
         }
         if self.data.source == DataSource::Synthetic {
             let (n, m) = (self.data.synthetic_train, self.data.synthetic_test);
@@ -699,6 +733,58 @@ impl Config {
         json.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
         })
+    }
+}
+
+/// An error one `--set` caused; its message names it.
+#[derive(Debug)]
+pub struct OverrideError(String);
+
+impl std::fmt::Display for OverrideError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for OverrideError {}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != b[j])).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// serde's "unknown field `lrr`, expected one of `epochs`, `lr`, ..." (or "unknown variant"), with
+/// the nearest allowed name as a suggestion.
+fn with_suggestion(msg: &str) -> String {
+    let Some(at) = ["unknown field `", "unknown variant `"]
+        .iter()
+        .find_map(|p| msg.find(p).map(|i| i + p.len()))
+    else {
+        return msg.to_string();
+    };
+    let Some(len) = msg[at..].find('`') else {
+        return msg.to_string();
+    };
+    let wrong = &msg[at..at + len];
+    let rest = &msg[at + len + 1..];
+    let allowed = rest.split('`').skip(1).step_by(2);
+    let best = allowed
+        .map(|c| (edit_distance(wrong, c), c))
+        .filter(|&(d, c)| d <= (c.len().max(wrong.len()) / 3).max(1))
+        .min();
+    match best {
+        Some((_, c)) => format!("{}\ndid you mean `{c}`?", msg.trim_end()),
+        None => msg.to_string(),
     }
 }
 
@@ -813,6 +899,35 @@ mod tests {
         }
         assert!(err("[model\narch=1", &[]).contains("TOML") || err("[model\narch=1", &[]).contains("expected"));
         assert!(err(&BASE.replace("arch = \"resnet20\"", "arch = \"resnet21\""), &[]).contains("resnet21"));
+    }
+
+    #[test]
+    fn an_override_at_fault_is_named_with_a_suggestion() {
+        let e = Config::parse(BASE, &["train.lr=0.2".into(), "train.lrr=1".into()]).unwrap_err();
+        assert!(e.is::<OverrideError>(), "{e:#}");
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with("--set train.lrr=1: ") && e.contains("did you mean `lr`?"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(BASE, &["sparse.method=gtopkk".into()]).unwrap_err()
+        );
+        assert!(
+            e.contains("--set sparse.method=gtopkk") && e.contains("did you mean `gtopk`?"),
+            "{e}"
+        );
+        let e = Config::parse(&BASE.replace("lr = 0.1", "lrr = 0.1"), &["train.lr=0.1".into()]).unwrap_err();
+        assert!(
+            !e.is::<OverrideError>() && format!("{e:#}").contains("did you mean"),
+            "{e:#}"
+        );
+        let saved = toml::to_string(&Config::parse(BASE, &["model.dropout=0.65".into()]).unwrap()).unwrap();
+        assert!(
+            saved.contains("dropout = 0.65\n") && !saved.contains("hidden"),
+            "{saved}"
+        );
     }
 
     #[test]

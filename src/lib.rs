@@ -11,6 +11,7 @@ pub mod info;
 pub mod models;
 pub mod plot;
 pub mod profile;
+pub mod report;
 pub mod rng;
 pub mod sparse;
 pub mod train;

@@ -41,17 +41,22 @@ enum Command {
         /// No progress bar, plain log lines (the default when stderr is not a terminal).
         #[arg(long)]
         plain: bool,
+        /// The --run-dir was named after the clock (by the process that started this one): take
+        /// a free name beside it if another run holds it.
+        #[arg(long, hide = true)]
+        unique_run_dir: bool,
         #[command(flatten)]
         launch: LaunchArgs,
     },
     /// Evaluate a saved model on the test split; prints one JSON line {"loss", "accuracy", "samples"}
     /// (a language model adds "perplexity" and its eval.ptb_protocol, a speech model "wer", "cer").
     Eval {
-        /// The config the model was trained with (model and data sections are used).
+        /// A run directory (its config.toml and newest checkpoint), or the config the model was
+        /// trained with (model and data sections are used; then --checkpoint says which model).
         config: PathBuf,
         /// A model.safetensors file, a checkpoint directory, or a run directory (its newest checkpoint).
         #[arg(long)]
-        checkpoint: PathBuf,
+        checkpoint: Option<PathBuf>,
         /// Override a config key: --set section.key=value.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -101,9 +106,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "step")]
         x: gtopk::plot::XAxis,
         /// Metrics, one panel each: keys of metrics.jsonl (loss, accuracy, delta, perplexity, wer, ...;
-        /// test_ and train_ forms of epoch records are found too).
-        #[arg(long, value_delimiter = ',', default_values_t = ["loss".to_string(), "accuracy".into(), "delta".into()])]
-        metrics: Vec<String>,
+        /// test_ and train_ forms of epoch records are found too). Default: whichever of loss,
+        /// accuracy, perplexity, wer and delta the runs have.
+        #[arg(long, value_delimiter = ',')]
+        metrics: Option<Vec<String>>,
+        /// Log-scale y axes (log10; values <= 0 are left out).
+        #[arg(long)]
+        log_y: bool,
+        /// Fit each y axis to the 2nd..98th percentile of its points (the caption counts the
+        /// points left outside), so one outlier does not flatten every curve.
+        #[arg(long)]
+        clip: bool,
     },
     /// What this binary was built with and the devices, driver and NCCL it finds.
     Info,
@@ -298,6 +311,16 @@ fn default_run_dir(name: &str) -> PathBuf {
     ))
 }
 
+/// `w` as one word for a POSIX shell, quoted only when it needs to be.
+fn shell_word(w: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./=:,+-@%".contains(c);
+    if !w.is_empty() && w.chars().all(plain) {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 fn bench_comm_local(p: usize, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
     let handles: Vec<_> = LocalComm::group(p, std::time::Duration::from_secs(600))
         .into_iter()
@@ -382,15 +405,21 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             overrides,
             plain,
+            unique_run_dir,
             launch,
         } => {
+            train::interrupt::install()?;
             let cfg = Config::load(&config, &overrides)?;
+            let unique = unique_run_dir || (run_dir.is_none() && resume.is_none());
             let run_dir = resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name));
             // The same job for the processes this one may start: the run directory made explicit,
             // since a default one is named after the clock and would differ between processes.
             let mut respawn: Vec<std::ffi::OsString> = vec!["train".into(), config.clone().into()];
             respawn.push(if resume.is_some() { "--resume" } else { "--run-dir" }.into());
             respawn.push(run_dir.clone().into());
+            if unique {
+                respawn.push("--unique-run-dir".into());
+            }
             for o in &overrides {
                 respawn.extend(["--set".into(), o.into()]);
             }
@@ -399,8 +428,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             let opts = RunOptions {
                 run_dir,
+                unique,
                 resume: resume.is_some(),
                 progress: !plain && std::io::stderr().is_terminal(),
+                evaluate: true,
                 launch: Overrides {
                     rank: launch.rank,
                     world_size: launch.world_size,
@@ -410,24 +441,30 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 respawn: Some(respawn),
             };
-            if !train::spawn::is_child() {
-                eprintln!(
-                    "training {} ({:?}, {} workers, {:?}) into {}",
-                    cfg.name,
-                    cfg.model.arch,
-                    cfg.dist.workers,
-                    cfg.sparse.method,
-                    opts.run_dir.display()
-                );
-            }
             let s = train::train(&cfg, &opts)?;
+            // A rank started by another gtopk process: that one speaks for the job.
+            let speaks = s.rank == 0 && !train::spawn::is_child();
+            if s.interrupted {
+                if speaks {
+                    let mut again = vec![
+                        "gtopk".to_string(),
+                        "train".into(),
+                        shell_word(&config.to_string_lossy()),
+                    ];
+                    again.extend(["--resume".into(), shell_word(&s.run_dir.to_string_lossy())]);
+                    for o in &overrides {
+                        again.extend(["--set".into(), shell_word(o)]);
+                    }
+                    eprintln!("interrupted at step {}; resume with: {}", s.steps, again.join(" "));
+                }
+                std::process::exit(train::interrupt::EXIT_CODE);
+            }
             let test = s.test.context("the run ended without an evaluation")?;
-            // A rank started by another gtopk process: that one prints the job's summary.
-            if s.rank != 0 || train::spawn::is_child() {
+            if !speaks {
                 return Ok(());
             }
             let mut summary = serde_json::json!({
-                "run_dir": opts.run_dir, "steps": s.steps, "wall_s": s.wall_s,
+                "run_dir": s.run_dir, "steps": s.steps, "wall_s": s.wall_s,
                 "test_loss": test.loss, "test_accuracy": test.accuracy,
                 "test_perplexity": (cfg.model.arch == gtopk::config::Arch::LstmPtb).then(|| test.loss.exp()),
                 "test_protocol": (cfg.model.arch == gtopk::config::Arch::LstmPtb).then(|| cfg.eval.ptb_protocol.name()),
@@ -437,14 +474,33 @@ fn run(cli: Cli) -> Result<()> {
                 o.retain(|_, v| !v.is_null());
             }
             println!("{summary}");
+            match gtopk::report::summary(&cfg, &s) {
+                Ok(text) => eprint!("{text}"),
+                Err(e) => eprintln!("note: no summary of the run: {e:#}"),
+            }
         }
         Command::Eval {
             config,
             checkpoint,
             overrides,
         } => {
+            let (config, checkpoint) = if config.is_dir() {
+                (config.join("config.toml"), checkpoint.unwrap_or(config))
+            } else {
+                let c =
+                    checkpoint.context("--checkpoint: required with a config file (or give a run directory alone)")?;
+                (config, c)
+            };
             let cfg = Config::load(&config, &overrides)?;
-            let e = train::evaluate_file(&cfg, &checkpoint)?;
+            let file = train::model_file(&checkpoint)?;
+            let step = file
+                .parent()
+                .and_then(|d| d.file_name()?.to_str()?.strip_prefix("step-")?.parse::<u64>().ok());
+            match step {
+                Some(n) => eprintln!("evaluating {} (step {n})", file.display()),
+                None => eprintln!("evaluating {}", file.display()),
+            }
+            let e = train::evaluate_file(&cfg, &file)?;
             let mut out = serde_json::to_value(e)?;
             // A language model: its perplexity (exp of the mean per-token loss) and how it was scored.
             if let (Some(o), true) = (out.as_object_mut(), cfg.model.arch == gtopk::config::Arch::LstmPtb) {
@@ -522,9 +578,20 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", simulate::render(&rows));
             }
         }
-        Command::Plot { runs, out, x, metrics } => {
+        Command::Plot {
+            runs,
+            out,
+            x,
+            metrics,
+            log_y,
+            clip,
+        } => {
             let loaded = gtopk::plot::load_runs(&runs)?;
-            gtopk::plot::plot(&loaded, &metrics, x, &out)?;
+            let required = metrics.is_some();
+            let metrics =
+                metrics.unwrap_or_else(|| gtopk::plot::DEFAULT_METRICS.iter().map(|m| m.to_string()).collect());
+            let style = gtopk::plot::Style { log_y, clip };
+            gtopk::plot::plot(&loaded, &metrics, required, x, style, &out)?;
             eprintln!("wrote {}", out.display());
         }
         Command::Bench {

@@ -292,7 +292,7 @@ fn every_bad_input_is_refused_clearly() {
         case(
             "resume nothing",
             &["train", &c, "--resume", &s(&run("never"))],
-            &["no checkpoint found"],
+            &["no such run directory", "never"],
         ),
         case(
             "reuse a run dir",

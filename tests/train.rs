@@ -82,15 +82,17 @@ fn resumed_run_equals_uninterrupted_run() {
 }
 
 #[test]
-fn refuses_to_mix_runs_and_to_resume_nothing() {
+fn refuses_to_mix_runs_and_restarts_a_resume_of_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&["train.max_steps=2"]);
     run(&cfg, dir.path(), false).unwrap();
     let e = format!("{:#}", run(&cfg, dir.path(), false).unwrap_err());
     assert!(e.contains("already holds a run") && e.contains("--resume"), "{e}");
     let empty = tempfile::tempdir().unwrap();
-    let e = format!("{:#}", run(&cfg, empty.path(), true).unwrap_err());
-    assert!(e.contains("no checkpoint found"), "{e}");
+    // A directory without checkpoints is a run to start again, from step 0.
+    assert_eq!(run(&cfg, empty.path(), true).unwrap().steps, 2);
+    let e = format!("{:#}", run(&cfg, &empty.path().join("never"), true).unwrap_err());
+    assert!(e.contains("no such run directory"), "{e}");
     let other = config(&["train.max_steps=2", "dist.workers=4"]);
     let e = format!("{:#}", run(&other, dir.path(), true).unwrap_err());
     assert!(e.contains("dist.workers = 4"), "{e}");

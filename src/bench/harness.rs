@@ -14,11 +14,24 @@ pub struct Timing {
     pub max_s: f64,
 }
 
+/// The median of a non-empty sample: the middle value, or the mean of the two middle values of an
+/// even count (the upper one alone would be the maximum of two).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_unstable_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
 impl Timing {
     fn of(mut times: Vec<f64>) -> Self {
         times.sort_unstable_by(f64::total_cmp);
         Timing {
-            median_s: times[times.len() / 2],
+            median_s: median(&times),
             min_s: times[0],
             max_s: times[times.len() - 1],
         }
@@ -123,6 +136,7 @@ mod tests {
         assert!(t.min_s <= t.median_s && t.median_s <= t.max_s);
         let t = Timing::of(vec![3.0, 1.0, 2.0]);
         assert_eq!((t.min_s, t.median_s, t.max_s), (1.0, 2.0, 3.0));
+        assert_eq!(median(&[4.0, 1.0]), 2.5);
         assert!(time_calls(2, || anyhow::bail!("boom")).is_err());
     }
 }

@@ -65,8 +65,10 @@ fn scratch_dir() -> PathBuf {
 fn run_in(cfg: &Config, dir: &Path) -> Result<StepBreakdown> {
     let opts = RunOptions {
         run_dir: dir.to_path_buf(),
+        unique: false,
         resume: false,
         progress: false,
+        evaluate: false,
         launch: Default::default(),
         respawn: None,
     };
@@ -93,11 +95,7 @@ pub fn breakdown(cfg: &Config, d: usize, records: &[Value]) -> Result<StepBreakd
         !steps.is_empty(),
         "bench step: the run logged no step after the warm-up (is the training split a single batch?)"
     );
-    let median = |f: &dyn Fn(&Value) -> f64| {
-        let mut v: Vec<f64> = steps.iter().map(|r| f(r)).collect();
-        v.sort_unstable_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |f: &dyn Fn(&Value) -> f64| super::harness::median(&steps.iter().map(|r| f(r)).collect::<Vec<_>>());
     let t = |key: &'static str| move |r: &Value| r["time"][key].as_f64().unwrap_or(f64::NAN);
     let compute_s = median(&t("compute"));
     let communication_s = median(&t("communication"));
@@ -105,7 +103,7 @@ pub fn breakdown(cfg: &Config, d: usize, records: &[Value]) -> Result<StepBreakd
     let optimizer_s = median(&t("optimizer"));
     Ok(StepBreakdown {
         config: cfg.name.clone(),
-        method: format!("{:?}", cfg.sparse.method).to_lowercase(),
+        method: crate::train::header::spelling(&cfg.sparse.method),
         workers: cfg.dist.workers,
         d,
         k: steps[0]["k"].as_u64().unwrap_or(0) as usize,

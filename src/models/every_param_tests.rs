@@ -16,8 +16,8 @@ fn tiny(arch: Arch) -> (Model, usize) {
         arch,
         hidden: Some(6),
         layers: Some(2),
-        conv_channels: 2,
-        dropout: 0.0,
+        conv_channels: Some(2),
+        dropout: Some(0.0),
         ..ModelConfig::default()
     };
     let outputs = match arch {

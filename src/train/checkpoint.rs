@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const MODEL: &str = "model.safetensors";
+/// The effective config of the run that wrote the checkpoint.
+pub const CONFIG: &str = "config.toml";
 
 pub fn root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")

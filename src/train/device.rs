@@ -38,12 +38,7 @@ pub fn open(spec: &str, local_rank: usize) -> Result<Device> {
         DeviceSpec::Cpu | DeviceSpec::Auto => Ok(Device::Cpu),
         DeviceSpec::Cuda(ordinal) => {
             let ordinal = ordinal.unwrap_or(local_rank);
-            if !cfg!(feature = "cuda") {
-                bail!(
-                    "device = {spec:?}: this binary was built without the `cuda` feature \
-                     (build one with scripts/build-cuda.sh, or set device = \"cpu\")"
-                );
-            }
+            no_cuda_build(spec)?;
             open_gpu(ordinal).map_err(|e| anyhow::anyhow!("device = {spec:?}: cannot open GPU {ordinal}: {e}"))
         }
     }
@@ -59,6 +54,30 @@ fn open_gpu(ordinal: usize) -> Result<Device> {
 #[cfg(not(feature = "cuda"))]
 fn open_gpu(_: usize) -> Result<Device> {
     unreachable!("refused above: this binary has no `cuda` feature")
+}
+
+fn no_cuda_build(spec: &str) -> Result<()> {
+    if !cfg!(feature = "cuda") {
+        bail!(
+            "device = {spec:?}: this binary was built without the `cuda` feature \
+             (build one with scripts/build-cuda.sh, or set device = \"cpu\")"
+        );
+    }
+    Ok(())
+}
+
+/// The refusal `open` would give for a GPU that this binary or machine cannot provide, early:
+/// before a line about GPUs is printed or a run directory made.
+pub fn check_usable(spec: &str, resolved: DeviceSpec) -> Result<()> {
+    let DeviceSpec::Cuda(ordinal) = resolved else {
+        return Ok(());
+    };
+    no_cuda_build(spec)?;
+    let (visible, need) = (gpus_visible(), ordinal.map_or(1, |o| o + 1));
+    if visible < need {
+        bail!("device = {spec:?}: {visible} GPU(s) visible (no driver, or CUDA_VISIBLE_DEVICES hides them); set device = \"cpu\" or \"auto\"");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

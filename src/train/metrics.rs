@@ -15,17 +15,24 @@ pub const TIMING_FIELDS: [&str; 3] = ["samples_per_s", "time", "wall_s"];
 pub struct MetricsWriter {
     file: File,
     path: PathBuf,
+    csv: Option<super::csv::CsvWriter>,
 }
 
 impl MetricsWriter {
-    pub fn open(run_dir: &Path) -> Result<Self> {
+    /// Appends to the run's metrics.jsonl; `csv`: keeps metrics.csv beside it too.
+    pub fn open(run_dir: &Path, csv: bool) -> Result<Self> {
         let path = run_dir.join(FILE);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {} for writing", path.display()))?;
-        Ok(Self { file, path })
+        let csv = if csv {
+            Some(super::csv::CsvWriter::create(run_dir, &read(run_dir)?)?)
+        } else {
+            None
+        };
+        Ok(Self { file, path, csv })
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {
@@ -34,7 +41,11 @@ impl MetricsWriter {
         self.file
             .write_all(&line)
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write to {}", self.path.display()))
+            .with_context(|| format!("cannot write to {}", self.path.display()))?;
+        match &mut self.csv {
+            Some(c) => c.write(record),
+            None => Ok(()),
+        }
     }
 }
 
@@ -61,28 +72,25 @@ pub fn truncate_after(run_dir: &Path, step: u64) -> Result<()> {
     // A run killed while appending leaves a torn last line (no newline): drop it, it is rewritten.
     let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let keep: Vec<Value> = text[..whole]
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .filter(|(_, line)| !line.is_empty())
-        .map(|(i, line)| {
-            serde_json::from_slice(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
-        })
-        .collect::<Result<Vec<Value>>>()?
-        .into_iter()
-        .filter(|r| {
-            let s = r.get("step").and_then(Value::as_u64).unwrap_or(0);
-            match r.get("kind").and_then(Value::as_str) {
-                Some("step") => s <= step,
-                Some("run") => true,
-                _ => s < step,
-            }
-        })
-        .collect();
-    let mut out = Vec::new();
-    for r in keep {
-        out.extend(serde_json::to_vec(&r)?);
-        out.push(b'\n');
+    // The kept lines go back byte for byte: parsing and printing a float again may change its
+    // last digit, and a resumed run's file must equal an uninterrupted run's.
+    let mut out = Vec::with_capacity(whole);
+    for (i, line) in text[..whole].split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let r: Value =
+            serde_json::from_slice(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        let s = r.get("step").and_then(Value::as_u64).unwrap_or(0);
+        let keep = match r.get("kind").and_then(Value::as_str) {
+            Some("step") => s <= step,
+            Some("run") => true,
+            _ => s < step,
+        };
+        if keep {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
     }
     // Rewritten beside and renamed over, so a kill here leaves the old file or the new, never half.
     let tmp = run_dir.join(format!("{FILE}.tmp"));
@@ -108,7 +116,7 @@ mod tests {
     #[test]
     fn truncate_after_drops_a_torn_last_line_and_later_records() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = MetricsWriter::open(dir.path()).unwrap();
+        let mut w = MetricsWriter::open(dir.path(), false).unwrap();
         for step in 1..=4 {
             w.write(&serde_json::json!({"kind": "step", "step": step})).unwrap();
         }

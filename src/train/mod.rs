@@ -2,11 +2,15 @@
 //! communicator, this process's one worker over TCP or NCCL, or one child process per worker), resume.
 
 pub mod checkpoint;
+mod config_diff;
+pub mod csv;
 mod device;
 pub mod device_engine;
 mod engine;
 mod gpu_turns;
+pub mod header;
 mod host_engine;
+pub mod interrupt;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
@@ -20,7 +24,7 @@ mod worker;
 
 pub use device::gpus_visible;
 pub use task::Dataset;
-pub use worker::{EvalStats, Position};
+pub use worker::{EvalStats, Outcome, Position};
 
 use crate::comm::local::LocalComm;
 use crate::comm::rendezvous::job_token;
@@ -39,10 +43,16 @@ use worker::Worker;
 
 pub struct RunOptions {
     pub run_dir: PathBuf,
+    /// `run_dir` was named after the clock, not by the user: when another run holds it already,
+    /// this one takes `run_dir-2`, `-3`, ... instead.
+    pub unique: bool,
     /// Continue from the newest checkpoint in `run_dir`.
     pub resume: bool,
     /// A progress bar (on a terminal); plain log lines otherwise.
     pub progress: bool,
+    /// Evaluate on the test split (at the end, and every `train.eval_every_epochs`); off for
+    /// `bench step`, which times steps only.
+    pub evaluate: bool,
     /// tcp backend: rank, world size and master address given on the command line (they win
     /// over the launcher's environment).
     pub launch: Overrides,
@@ -59,6 +69,12 @@ pub struct Summary {
     pub steps: u64,
     pub test: Option<EvalStats>,
     pub wall_s: f64,
+    /// Stopped by Ctrl-C or SIGTERM after a checkpoint of step `steps`.
+    pub interrupted: bool,
+    /// Where the run's files went (`RunOptions::run_dir`, or the free name taken beside it).
+    pub run_dir: PathBuf,
+    /// Trainable parameters d.
+    pub params: usize,
 }
 
 pub fn load_data(cfg: &Config) -> Result<Dataset> {
@@ -85,7 +101,7 @@ fn load_splits(cfg: &Config, test_only: bool) -> Result<Dataset> {
             d.synthetic_train,
             d.synthetic_test,
             d.synthetic_side,
-            d.synthetic_noise,
+            d.synthetic_noise as f32,
         ))),
         DataSource::Cifar10 => {
             let load = if test_only { cifar::load_test } else { cifar::load };
@@ -128,44 +144,49 @@ fn load_splits(cfg: &Config, test_only: bool) -> Result<Dataset> {
     })
 }
 
+/// The run directory, ready for the job.
+struct RunDir {
+    path: PathBuf,
+    /// The checkpoint to continue from.
+    resume_from: Option<PathBuf>,
+    /// Made by this process for this run: removed again if the run fails before its first step.
+    created: bool,
+}
+
 /// Creates (or, on resume, reopens) the run directory; refuses to mix two runs in one directory.
-fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
-    let dir = &opts.run_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create run directory {}", dir.display()))?;
+/// Called once the job can start (data loaded, device open), so a refused start leaves nothing.
+fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<RunDir> {
+    let (dir, created) = if opts.resume {
+        if !opts.run_dir.is_dir() {
+            bail!("--resume {}: no such run directory", opts.run_dir.display());
+        }
+        (opts.run_dir.clone(), false)
+    } else if opts.unique {
+        create_unique(&opts.run_dir)?
+    } else {
+        let existed = opts.run_dir.exists();
+        std::fs::create_dir_all(&opts.run_dir)
+            .with_context(|| format!("cannot create run directory {}", opts.run_dir.display()))?;
+        (opts.run_dir.clone(), !existed)
+    };
+    let dir = &dir;
     let probe = dir.join(".write-test");
     checkpoint::write_file(&probe, b"ok")
         .with_context(|| format!("run directory {} is not writable", dir.display()))?;
     std::fs::remove_file(&probe)?;
     let resume_from = if opts.resume {
-        let ckpt = checkpoint::latest(dir)?.ok_or_else(|| {
-            anyhow!(
-                "--resume {}: no checkpoint found in {}",
-                dir.display(),
-                checkpoint::root(dir).display()
-            )
-        })?;
-        let meta_path = ckpt.join("trainer.json");
-        let meta: serde_json::Value = std::fs::read(&meta_path)
-            .map_err(anyhow::Error::from)
-            .and_then(|b| Ok(serde_json::from_slice(&b)?))
-            .with_context(|| format!("{}: unreadable", meta_path.display()))?;
-        // Another model's weights cannot continue this one: say so before loading anything.
-        let arch = serde_json::to_value(cfg.model.arch)?;
-        if meta["arch"] != arch {
-            bail!(
-                "--resume {}: checkpoint {} holds a model.arch = {} model, the config asks for {}",
-                dir.display(),
-                ckpt.display(),
-                meta["arch"],
-                arch
-            );
+        match checkpoint::latest(dir)? {
+            Some(ckpt) => Some(check_resume(cfg, dir, ckpt)?),
+            None => {
+                eprintln!(
+                    "note: --resume {}: no checkpoint in {}; starting this run again from step 0",
+                    dir.display(),
+                    checkpoint::root(dir).display()
+                );
+                metrics::truncate_after(dir, 0)?;
+                None
+            }
         }
-        if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
-            eprintln!("note: the config differs from the one the checkpoint was written with");
-        }
-        let step = meta["position"]["step"].as_u64().unwrap_or(0);
-        metrics::truncate_after(dir, step)?;
-        Some(ckpt)
     } else {
         if dir.join(metrics::FILE).exists() || !checkpoint::list(dir)?.is_empty() {
             bail!(
@@ -178,7 +199,89 @@ fn prepare_run_dir(cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
     };
     let effective = toml::to_string_pretty(cfg).context("serialising the effective config")?;
     checkpoint::write_file(&dir.join("config.toml"), effective.as_bytes())?;
-    Ok(resume_from)
+    Ok(RunDir {
+        path: dir.clone(),
+        resume_from,
+        created,
+    })
+}
+
+/// `base`, or the first of `base-2`, `base-3`, ... that no other run has taken. Creating the
+/// directory is the claim, so two runs started in the same second never share one.
+fn create_unique(base: &Path) -> Result<(PathBuf, bool)> {
+    if let Some(parent) = base.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    for n in 1..10_000 {
+        let dir = if n == 1 {
+            base.to_path_buf()
+        } else {
+            PathBuf::from(format!("{}-{n}", base.display()))
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok((dir, true)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create run directory {}", dir.display())),
+        }
+    }
+    bail!("cannot find a free run directory beside {}", base.display())
+}
+
+/// A checkpoint another model wrote cannot continue this one; a config that changed is named key
+/// by key.
+fn check_resume(cfg: &Config, dir: &Path, ckpt: PathBuf) -> Result<PathBuf> {
+    let meta_path = ckpt.join("trainer.json");
+    let meta: serde_json::Value = std::fs::read(&meta_path)
+        .map_err(anyhow::Error::from)
+        .and_then(|b| Ok(serde_json::from_slice(&b)?))
+        .with_context(|| format!("{}: unreadable", meta_path.display()))?;
+    let arch = serde_json::to_value(cfg.model.arch)?;
+    if meta["arch"] != arch {
+        bail!(
+            "--resume {}: checkpoint {} holds a model.arch = {} model, the config asks for {}",
+            dir.display(),
+            ckpt.display(),
+            meta["arch"],
+            arch
+        );
+    }
+    let step = meta["position"]["step"].as_u64().unwrap_or(0);
+    eprintln!("resuming {} from step {step} ({})", dir.display(), ckpt.display());
+    if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
+        // Older checkpoints hold no config: the run directory's is the one they were written with.
+        let old = [ckpt.join(checkpoint::CONFIG), dir.join("config.toml")]
+            .into_iter()
+            .find_map(|p| std::fs::read_to_string(p).ok());
+        let keys = old
+            .map(|text| config_diff::changed_keys(&text, cfg))
+            .unwrap_or_default();
+        if keys.is_empty() {
+            eprintln!("note: the config differs from the one the checkpoint was written with");
+        } else {
+            eprintln!("note: the config differs from the checkpoint's: {}", keys.join(", "));
+        }
+    }
+    metrics::truncate_after(dir, step)?;
+    Ok(ckpt)
+}
+
+/// Undoes `prepare_run_dir` for a run that failed before its first step: what it and the
+/// worker's setup wrote, then the directory itself if nothing else is in it.
+fn remove_unused(run: &RunDir) {
+    if !run.created {
+        return;
+    }
+    let metrics = run.path.join(metrics::FILE);
+    if std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0)
+        || !checkpoint::list(&run.path).unwrap_or_default().is_empty()
+    {
+        return;
+    }
+    let _ = std::fs::remove_file(metrics);
+    let _ = std::fs::remove_file(run.path.join(csv::FILE));
+    let _ = std::fs::remove_file(run.path.join("config.toml"));
+    let _ = std::fs::remove_dir(checkpoint::root(&run.path));
+    let _ = std::fs::remove_dir(&run.path);
 }
 
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
@@ -189,6 +292,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         _ => LaunchInfo::from_env(&opts.launch)?,
     };
     let device = device::resolve(cfg.device.parse()?);
+    // Before any line about GPUs: a GPU asked for where none can be used is the whole story.
+    device::check_usable(&cfg.device, device)?;
     let situation = Situation {
         backend: cfg.dist.backend,
         workers: cfg.dist.workers,
@@ -203,17 +308,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
     };
     let choice = plan::plan(&situation).map_err(|e| anyhow!(e))?;
     match choice.plan {
-        Plan::Local => {
-            eprintln!("{}", choice.why);
-            train_local(cfg, opts)
-        }
+        Plan::Local => train_local(cfg, opts, &choice.why),
         Plan::Process(transport) => {
             // A rank started by `train_spawned` was already explained by its parent.
-            if info.rank == 0 && !spawn::is_child() {
-                eprintln!("{}", choice.why);
-            }
+            let why = (info.rank == 0 && !spawn::is_child()).then_some(choice.why.as_str());
             spawn::watch_parent();
-            let summary = train_process(cfg, opts, &info, transport)?;
+            let summary = train_process(cfg, opts, &info, transport, why)?;
             if spawn::is_child() && summary.rank == 0 {
                 spawn::report_summary(&serde_json::to_value(&summary)?);
             }
@@ -254,6 +354,11 @@ fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         steps: rank0["steps"].as_u64().context("rank 0's summary has no steps")?,
         test,
         wall_s: started.elapsed().as_secs_f64(),
+        interrupted: rank0["interrupted"] == true,
+        run_dir: rank0["run_dir"]
+            .as_str()
+            .map_or_else(|| opts.run_dir.clone(), PathBuf::from),
+        params: rank0["params"].as_u64().unwrap_or(0) as usize,
     })
 }
 
@@ -261,9 +366,15 @@ fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
 /// (scripts/launch.sh's default too).
 const SPAWN_GRACE: Duration = Duration::from_secs(5);
 
-/// This process is one rank of a multi-process job: join it over TCP, let rank 0 set up the run
-/// directory, switch to NCCL if asked, then train.
-fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: Transport) -> Result<Summary> {
+/// This process is one rank of a multi-process job: join it over TCP, load its data and open its
+/// device, let rank 0 set up the run directory, switch to NCCL if asked, then train.
+fn train_process(
+    cfg: &Config,
+    opts: &RunOptions,
+    info: &LaunchInfo,
+    transport: Transport,
+    why: Option<&str>,
+) -> Result<Summary> {
     let started = Instant::now();
     let rank = info.rank;
     // One worker in this process: its share of the cores is what the launcher gave it.
@@ -284,28 +395,38 @@ fn train_process(cfg: &Config, opts: &RunOptions, info: &LaunchInfo, transport: 
     topts.timeout = timeout;
     topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
     let mut tcp = TcpComm::connect(info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
-    let resume_from = agree_on_run_dir(&mut tcp, cfg, opts)?;
-    let data = load_data(cfg)?;
+    let data = load_data(cfg).map_err(|e| ranked(rank, e))?;
     let dev = device::open(&cfg.device, info.local_rank).map_err(|e| ranked(rank, e))?;
-    // Under NCCL the TCP connections stay open until the job ends, idle: closing them while a slower
-    // rank is still inside NCCL's setup would look to it like a lost peer.
-    let (comm, _bootstrap): (Box<dyn Communicator>, Option<TcpComm>) = match transport {
-        Transport::Tcp => (Box::new(tcp), None),
-        Transport::Nccl => (
-            nccl_comm(&mut tcp, &dev, timeout).map_err(|e| ranked(rank, e))?,
-            Some(tcp),
-        ),
-    };
-    let mut w = Worker::new(cfg, opts.run_dir.clone(), comm, &data, &dev).map_err(|e| ranked(rank, e))?;
-    if let Some(dir) = &resume_from {
-        w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+    let run = agree_on_run_dir(&mut tcp, cfg, opts)?;
+    if let Some(why) = why {
+        eprintln!("{why}");
     }
-    let (test, steps) = w.run(opts.progress).map_err(|e| ranked(rank, e))?;
+    let result = (|| {
+        // Under NCCL the TCP connections stay open until the job ends, idle: closing them while a
+        // slower rank is still inside NCCL's setup would look to it like a lost peer.
+        let (comm, _bootstrap): (Box<dyn Communicator>, Option<TcpComm>) = match transport {
+            Transport::Tcp => (Box::new(tcp), None),
+            Transport::Nccl => (
+                nccl_comm(&mut tcp, &dev, timeout).map_err(|e| ranked(rank, e))?,
+                Some(tcp),
+            ),
+        };
+        let mut w = Worker::new(cfg, run.path.clone(), comm, &data, &dev).map_err(|e| ranked(rank, e))?;
+        if let Some(dir) = &run.resume_from {
+            w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
+        }
+        w.evaluate_test(opts.evaluate);
+        w.run(opts.progress).map_err(|e| ranked(rank, e))
+    })();
+    let out = result.inspect_err(|_| remove_unused(&run))?;
     Ok(Summary {
         rank,
-        steps,
-        test,
+        steps: out.steps,
+        test: out.test,
         wall_s: started.elapsed().as_secs_f64(),
+        interrupted: out.interrupted,
+        run_dir: run.path,
+        params: out.params,
     })
 }
 
@@ -327,19 +448,27 @@ fn nccl_comm(_: &mut TcpComm, _: &candle_core::Device, _: Duration) -> Result<Bo
 }
 
 /// Rank 0 alone prepares the run directory (two ranks checking "is it empty?" would race); the
-/// others learn the outcome from it, so a refusal stops every rank with rank 0's reason.
-fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Result<Option<PathBuf>> {
+/// others learn the outcome and the directory from it, so a refusal stops every rank with rank 0's
+/// reason, and every rank writes into the directory rank 0 chose.
+fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Result<RunDir> {
     let mine = if comm.rank() == 0 {
         Some(prepare_run_dir(cfg, opts))
     } else {
         None
     };
     let mut msg = match &mine {
-        Some(Ok(resume)) => serde_json::to_vec(&serde_json::json!({ "ok": true, "resume": resume }))?,
+        Some(Ok(run)) => {
+            serde_json::to_vec(&serde_json::json!({ "ok": true, "dir": run.path, "resume": run.resume_from }))?
+        }
         Some(Err(e)) => serde_json::to_vec(&serde_json::json!({ "ok": false, "error": format!("{e:#}") }))?,
         None => Vec::new(),
     };
-    comm.broadcast(0, &mut msg)?;
+    if let Err(e) = comm.broadcast(0, &mut msg) {
+        if let Some(Ok(run)) = &mine {
+            remove_unused(run);
+        }
+        return Err(e);
+    }
     if let Some(result) = mine {
         return result;
     }
@@ -351,14 +480,19 @@ fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Resu
             v["error"].as_str().unwrap_or("?")
         );
     }
-    Ok(v["resume"].as_str().map(PathBuf::from))
+    Ok(RunDir {
+        path: v["dir"].as_str().map_or_else(|| opts.run_dir.clone(), PathBuf::from),
+        resume_from: v["resume"].as_str().map(PathBuf::from),
+        created: false,
+    })
 }
 
-fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
+fn train_local(cfg: &Config, opts: &RunOptions, why: &str) -> Result<Summary> {
     let started = Instant::now();
-    let resume_from = prepare_run_dir(cfg, opts)?;
     let data = load_data(cfg)?;
     let dev = device::open(&cfg.device, 0)?;
+    let run = prepare_run_dir(cfg, opts)?;
+    eprintln!("{why}");
     let p = cfg.dist.workers;
     let timeout = Duration::from_secs_f64(cfg.dist.timeout);
     let comms = LocalComm::group(p, timeout);
@@ -372,14 +506,14 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             let (cfg, data, run_dir, resume_from, dev) = (
                 cfg.clone(),
                 data.clone(),
-                opts.run_dir.clone(),
-                resume_from.clone(),
+                run.path.clone(),
+                run.resume_from.clone(),
                 dev.clone(),
             );
-            let progress = opts.progress;
+            let (progress, evaluate) = (opts.progress, opts.evaluate);
             std::thread::Builder::new()
                 .name(format!("worker-{}", comm.rank()))
-                .spawn(move || -> Result<(Option<EvalStats>, u64)> {
+                .spawn(move || -> Result<Outcome> {
                     let rank = comm.rank();
                     threads::run_in_pool(per_worker, &format!("worker-{rank}"), move || {
                         let mut w =
@@ -390,13 +524,14 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
                         if let Some(dir) = &resume_from {
                             w.restore(dir).with_context(|| format!("rank {rank}: resuming"))?;
                         }
+                        w.evaluate_test(evaluate);
                         w.run(progress).map_err(|e| ranked(rank, e))
                     })?
                 })
                 .expect("spawn worker thread")
         })
         .collect();
-    let results: Vec<Result<(Option<EvalStats>, u64)>> = handles
+    let results: Vec<Result<Outcome>> = handles
         .into_iter()
         .enumerate()
         .map(|(r, h)| {
@@ -410,14 +545,18 @@ fn train_local(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         .position(|r| r.as_ref().is_err_and(|e| !format!("{e:#}").contains("is gone")));
     let mut results = results;
     if let Some(i) = first_err.or_else(|| results.iter().position(|r| r.is_err())) {
+        remove_unused(&run);
         return Err(results.swap_remove(i).unwrap_err());
     }
-    let (test, steps) = results.swap_remove(0)?;
+    let out = results.swap_remove(0)?;
     Ok(Summary {
         rank: 0,
-        steps,
-        test,
+        steps: out.steps,
+        test: out.test,
         wall_s: started.elapsed().as_secs_f64(),
+        interrupted: out.interrupted,
+        run_dir: run.path,
+        params: out.params,
     })
 }
 
@@ -433,7 +572,23 @@ fn ranked(rank: usize, e: anyhow::Error) -> anyhow::Error {
 
 /// Loss and accuracy of a saved model on the test split (one worker).
 pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
-    let file = if path.is_dir() {
+    let file = model_file(path)?;
+    let data = load_test_data(cfg)?;
+    // Built from another seed than the trainer's: everything the evaluation reads must come from
+    // the file, and a tensor the forward takes from anywhere else (an initial value cached at
+    // construction) shows as a different result instead of the trainer's init hiding it.
+    let seed = !cfg.seed;
+    let model = crate::models::Model::build(&cfg.model, data.outputs(), seed, &candle_core::Device::Cpu)?;
+    model.load(&file)?;
+    let task = task::make(&data, false, cfg.data.seq_len, &cfg.eval);
+    let idx: Vec<usize> = (0..task.test_len()).collect();
+    Ok(EvalStats::from_sums(&task.eval(&model, &idx)?))
+}
+
+/// The model file `gtopk eval` reads: `path` itself, the model of a checkpoint directory, or the
+/// newest checkpoint's of a run directory (verified against its manifest).
+pub fn model_file(path: &Path) -> Result<PathBuf> {
+    Ok(if path.is_dir() {
         let ckpt = if path.join(checkpoint::MODEL).exists() {
             // A checkpoint directory named directly is verified too, not only the newest of a run.
             if path.join(checkpoint::MANIFEST).exists() {
@@ -447,15 +602,5 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
         ckpt.join(checkpoint::MODEL)
     } else {
         path.to_path_buf()
-    };
-    let data = load_test_data(cfg)?;
-    // Built from another seed than the trainer's: everything the evaluation reads must come from
-    // the file, and a tensor the forward takes from anywhere else (an initial value cached at
-    // construction) shows as a different result instead of the trainer's init hiding it.
-    let seed = !cfg.seed;
-    let model = crate::models::Model::build(&cfg.model, data.outputs(), seed, &candle_core::Device::Cpu)?;
-    model.load(&file)?;
-    let task = task::make(&data, false, cfg.data.seq_len, &cfg.eval);
-    let idx: Vec<usize> = (0..task.test_len()).collect();
-    Ok(EvalStats::from_sums(&task.eval(&model, &idx)?))
+    })
 }

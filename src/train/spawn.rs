@@ -3,10 +3,12 @@
 //! launcher path. It forwards their output line by line with a "[rank R] " prefix, stops the job
 //! when a rank fails, and hands back rank 0's summary.
 //!
-//! No signal library is linked, so a child cannot ask the kernel to kill it when its parent dies.
-//! Instead each child holds the read end of a pipe whose only writer is the parent: end-of-file on
-//! its stdin means the parent is gone (exited, killed, interrupted), and the child stops. The parent
-//! uses the same pipe as its polite "stop" before it resorts to `Child::kill`.
+//! A child cannot portably ask the kernel to kill it when its parent dies. Instead each child holds
+//! the read end of a pipe whose only writer is the parent: end-of-file on its stdin means the parent
+//! is gone (exited, killed), and the child stops at once. The parent uses the same pipe as its
+//! polite "stop" before it resorts to `Child::kill`. A line on the pipe is a stop request instead
+//! (`interrupt`): the parent was asked to stop (Ctrl-C, SIGTERM), and every rank finishes its step
+//! and writes its part of a checkpoint first.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -42,7 +44,7 @@ pub fn watch_parent() {
         loop {
             match stdin.read(&mut buf) {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(_) => super::interrupt::request(),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
@@ -174,7 +176,7 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
         let tagged = r.stdout.take().and_then(|h| h.join().ok()).flatten();
         let last_error = r.stderr.take().and_then(|h| h.join().ok()).flatten();
         let status = r.status.expect("every rank was waited for");
-        if !status.success() {
+        if !status.success() && status.code() != Some(super::interrupt::EXIT_CODE) {
             let secondary = r.killed
                 || status.code() == Some(STOPPED)
                 || last_error.as_deref().is_some_and(|e| e.contains("is gone"));
@@ -205,7 +207,18 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
 fn wait_all(job: &mut Job, grace: Duration) -> Result<()> {
     let mut failed_at: Option<Instant> = None;
     let mut ended = 0;
+    let mut stop_sent = false;
     loop {
+        // A stop request reaches this process alone when only it was signalled (kill PID, not
+        // Ctrl-C on the terminal's whole process group): pass it on.
+        if !stop_sent && super::interrupt::requested() {
+            stop_sent = true;
+            for r in job.0.iter_mut() {
+                if let Some(stdin) = r.stdin.as_mut() {
+                    let _ = stdin.write_all(b"stop\n").and_then(|_| stdin.flush());
+                }
+            }
+        }
         for (rank, r) in job.0.iter_mut().enumerate() {
             if r.status.is_some() {
                 continue;
@@ -214,7 +227,8 @@ fn wait_all(job: &mut Job, grace: Duration) -> Result<()> {
                 r.status = Some(s);
                 r.ended = ended;
                 ended += 1;
-                if !s.success() && failed_at.is_none() {
+                let interrupted = s.code() == Some(super::interrupt::EXIT_CODE);
+                if !s.success() && !interrupted && failed_at.is_none() {
                     eprintln!("rank {rank} exited with {s}; stopping the other ranks");
                     failed_at = Some(Instant::now());
                 }

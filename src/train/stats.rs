@@ -152,6 +152,11 @@ impl Gathered {
         self.loss_sum / self.items.max(1.0)
     }
 
+    /// What the loss averages over, summed over ranks: images, predicted tokens, or utterances.
+    pub fn items(&self) -> f64 {
+        self.items
+    }
+
     pub fn accuracy(&self) -> f64 {
         self.correct / self.items.max(1.0)
     }

@@ -56,7 +56,30 @@ impl Dataset {
     }
 }
 
+/// What a task's samples are, for its metrics and throughput.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Classification: accuracy.
+    Images,
+    /// Language modelling: perplexity, tokens per second.
+    Text,
+    /// Speech with CTC: WER and CER.
+    Speech,
+}
+
+impl Kind {
+    /// The unit of throughput.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Kind::Images => "images",
+            Kind::Text => "tokens",
+            Kind::Speech => "utterances",
+        }
+    }
+}
+
 pub trait Task: Send {
+    fn kind(&self) -> Kind;
     /// Training samples the sampler shards (images, windows of tokens, utterances).
     fn train_len(&self) -> usize;
     /// The epoch's order of training samples: the sampler's shuffle, unless the task batches by
@@ -80,7 +103,7 @@ pub trait Task: Send {
     }
     /// Language models report exp(loss) too.
     fn perplexity(&self) -> bool {
-        false
+        self.kind() == Kind::Text
     }
 }
 
@@ -147,6 +170,10 @@ fn images(x: Vec<f32>, y: Vec<u32>, side: usize, dev: &Device) -> Result<(Tensor
 }
 
 impl Task for ImageTask {
+    fn kind(&self) -> Kind {
+        Kind::Images
+    }
+
     fn train_len(&self) -> usize {
         self.data.train.len()
     }
@@ -260,6 +287,10 @@ impl TextTask {
 }
 
 impl Task for TextTask {
+    fn kind(&self) -> Kind {
+        Kind::Text
+    }
+
     fn train_len(&self) -> usize {
         self.corpus.windows(Split::Train, self.seq_len).len()
     }
@@ -273,10 +304,6 @@ impl Task for TextTask {
 
     fn begin_epoch(&mut self) {
         self.state = None;
-    }
-
-    fn perplexity(&self) -> bool {
-        true
     }
 
     fn train_loss(&mut self, model: &Model, idx: &[usize], rng: &mut Rng) -> Result<(Tensor, Stats)> {
@@ -370,6 +397,10 @@ impl SpeechTask {
 }
 
 impl Task for SpeechTask {
+    fn kind(&self) -> Kind {
+        Kind::Speech
+    }
+
     fn train_len(&self) -> usize {
         self.data.train.len()
     }

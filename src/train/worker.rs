@@ -6,7 +6,7 @@ use super::gpu_turns::Turn;
 use super::metrics::MetricsWriter;
 use super::schedule::LrSchedule;
 use super::stats::{gather_f64, Window};
-use super::task::{Dataset, Stats, Task};
+use super::task::{Dataset, Kind, Stats, Task};
 use crate::comm::{bytes_to_f32s, f32s_to_bytes, Communicator};
 use crate::config::{Config, OnNonfinite};
 use crate::data::sampler::Sampler;
@@ -54,6 +54,19 @@ impl EvalStats {
     }
 }
 
+/// How a worker's run ended.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    /// The last evaluation on the test split (none when interrupted before the end).
+    pub test: Option<EvalStats>,
+    /// Steps done, counting those before a resume.
+    pub steps: u64,
+    /// Stopped by a request (Ctrl-C, SIGTERM) after a checkpoint of step `steps`.
+    pub interrupted: bool,
+    /// Trainable parameters d.
+    pub params: usize,
+}
+
 pub struct Worker {
     cfg: Config,
     run_dir: PathBuf,
@@ -74,6 +87,8 @@ pub struct Worker {
     /// In-process workers sharing a GPU: the device work of a forward/backward or an evaluation
     /// runs in rank order (`gpu_turns`).
     turn: Option<Turn>,
+    /// Evaluate on the test split at all.
+    eval_test: bool,
 }
 
 impl Worker {
@@ -94,7 +109,7 @@ impl Worker {
         let engine = super::engine::make(cfg, &model, rank)?;
         let sampler = Sampler::new(cfg.seed, task.train_len(), t.batch_size, cfg.dist.workers);
         let metrics = if rank == 0 {
-            Some(MetricsWriter::open(&run_dir)?)
+            Some(MetricsWriter::open(&run_dir, cfg.train.csv)?)
         } else {
             None
         };
@@ -115,6 +130,7 @@ impl Worker {
             last_test: None,
             checkpointed: None,
             turn: None,
+            eval_test: true,
         })
     }
 
@@ -135,12 +151,18 @@ impl Worker {
         }
     }
 
+    /// Off: no test evaluation, not even at the end (`bench step` times the steps alone).
+    pub fn evaluate_test(&mut self, on: bool) {
+        self.eval_test = on;
+    }
+
     fn rank(&self) -> usize {
         self.comm.rank()
     }
 
-    /// The training loop: forward/backward, aggregation, optimizer, metrics, checkpoints.
-    pub fn run(mut self, show_progress: bool) -> Result<(Option<EvalStats>, u64)> {
+    /// The training loop: forward/backward, aggregation, optimizer, metrics, checkpoints. A stop
+    /// request (`interrupt`) ends it after the step in progress, with a checkpoint of that step.
+    pub fn run(mut self, show_progress: bool) -> Result<Outcome> {
         let steps = self.sampler.steps_per_epoch();
         if steps == 0 {
             bail!(
@@ -150,11 +172,18 @@ impl Worker {
             );
         }
         let total = self.total_steps(steps);
+        if self.rank() == 0 {
+            eprintln!(
+                "{}",
+                super::header::header(&self.cfg, &self.model.param_sizes(), &self.run_dir)
+            );
+        }
         if self.rank() == 0 && show_progress {
             self.progress = Some(progress_bar(total, self.pos.step));
         }
         let t = self.cfg.train.clone();
-        for epoch in self.pos.epoch..t.epochs {
+        let mut interrupted = false;
+        'epochs: for epoch in self.pos.epoch..t.epochs {
             let order = self.task.order(&self.sampler, epoch);
             let first = if epoch == self.pos.epoch {
                 self.pos.step_in_epoch
@@ -168,7 +197,8 @@ impl Worker {
                 let lr = self.sched.at(epoch, s, steps);
                 let density = self.cfg.sparse.density.at_epoch(epoch);
                 let (loss, grad_finite, stats, compute_s) = self.forward_backward(&order, epoch, s)?;
-                let report = if self.all_finite(loss.is_finite() && grad_finite)? {
+                let (finite, stop) = self.agree(loss.is_finite() && grad_finite)?;
+                let report = if finite {
                     let report = self.aggregate(density)?;
                     self.update_finite()?.then_some(report)
                 } else {
@@ -198,6 +228,13 @@ impl Worker {
                 if self.pos.step >= total {
                     break;
                 }
+                if stop {
+                    interrupted = true;
+                    if self.checkpointed != Some(self.pos.step) {
+                        self.checkpoint()?;
+                    }
+                    break 'epochs;
+                }
             }
             // train.max_steps may end the run inside an epoch: it still ends with an evaluation.
             let done = self.pos.step >= total;
@@ -206,7 +243,9 @@ impl Worker {
             if done && self.checkpointed != Some(self.pos.step) {
                 self.checkpoint()?;
             }
-            if done || epoch + 1 == t.epochs || (t.eval_every_epochs > 0 && (epoch + 1) % t.eval_every_epochs == 0) {
+            let due =
+                done || epoch + 1 == t.epochs || (t.eval_every_epochs > 0 && (epoch + 1) % t.eval_every_epochs == 0);
+            if due && self.eval_test {
                 self.last_test = Some(self.evaluate()?);
                 self.log_epoch(epoch, self.last_test)?;
             } else {
@@ -219,7 +258,12 @@ impl Worker {
         if let Some(p) = &self.progress {
             p.finish_and_clear();
         }
-        Ok((self.last_test, self.pos.step))
+        Ok(Outcome {
+            test: self.last_test,
+            steps: self.pos.step,
+            interrupted,
+            params: self.model.num_params(),
+        })
     }
 
     fn total_steps(&self, steps: usize) -> u64 {
@@ -259,15 +303,22 @@ impl Worker {
         Ok((loss.to_scalar::<f32>()?, finite, stats))
     }
 
-    /// Every worker learns whether any worker saw a non-finite loss or gradient; the update is
-    /// never applied with one. Returns false when the step is to be skipped.
-    fn all_finite(&mut self, ok: bool) -> Result<bool> {
-        let flags = self.comm.all_gather(&[ok as u8])?;
-        let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != [1]).collect();
+    /// Every worker learns whether any worker saw a non-finite loss or gradient (the update is
+    /// never applied with one) and whether any was asked to stop, so all stop after the same step.
+    /// Returns (apply this step, stop after it).
+    fn agree(&mut self, finite: bool) -> Result<(bool, bool)> {
+        let flags = self
+            .comm
+            .all_gather(&[finite as u8, super::interrupt::requested() as u8])?;
+        let stop = flags.iter().any(|f| f.get(1) == Some(&1));
+        let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r].first() != Some(&1)).collect();
         if bad.is_empty() {
-            return Ok(true);
+            return Ok((true, stop));
         }
-        self.nonfinite(&format!("non-finite loss or gradient on rank(s) {bad:?}"))
+        Ok((
+            self.nonfinite(&format!("non-finite loss or gradient on rank(s) {bad:?}"))?,
+            stop,
+        ))
     }
 
     /// Finite gradients can still sum to infinity. The aggregated update is bit-identical on every
@@ -366,14 +417,23 @@ impl Worker {
             None => rec["skipped"] = json!(true),
         }
         m.write(&rec)?;
+        let kind = self.task.kind();
+        let score = match kind {
+            Kind::Images => format!(" acc {:.3}", all.accuracy()),
+            Kind::Text => format!(" ppl {:.2}", all.loss().exp()),
+            Kind::Speech => String::new(),
+        };
+        let per_s = match kind {
+            Kind::Text => all.items() / w.wall_s().max(1e-9),
+            Kind::Images | Kind::Speech => all.samples / w.wall_s().max(1e-9),
+        };
         let line = format!(
-            "step {} epoch {} loss {:.4} acc {:.3} lr {:.4} {:.0} samples/s",
+            "step {} epoch {} loss {:.4}{score} lr {:.4} {per_s:.0} {}/s",
             self.pos.step,
             self.pos.epoch,
             all.loss(),
-            all.accuracy(),
             lr,
-            all.samples / w.wall_s().max(1e-9)
+            kind.unit()
         );
         match &self.progress {
             Some(p) => p.set_message(line),
@@ -408,7 +468,12 @@ impl Worker {
                 rec["test_wer"] = json!(w);
                 rec["test_cer"] = json!(c);
             }
-            let line = format!("epoch {epoch}: test loss {:.4} accuracy {:.4}", t.loss, t.accuracy);
+            let score = match (self.task.kind(), t.wer, t.cer) {
+                (Kind::Speech, Some(w), Some(c)) => format!("WER {w:.4} CER {c:.4}"),
+                (Kind::Text, ..) => format!("perplexity {:.2}", t.loss.exp()),
+                _ => format!("accuracy {:.4}", t.accuracy),
+            };
+            let line = format!("epoch {epoch}: test loss {:.4} {score}", t.loss);
             match &self.progress {
                 Some(p) => p.println(line),
                 None => eprintln!("{line}"),
@@ -495,6 +560,9 @@ impl Worker {
                 "fingerprint": self.cfg.fingerprint(),
             });
             checkpoint::write_file(&tmp.join("trainer.json"), &serde_json::to_vec_pretty(&meta)?)?;
+            // What the run was when this state was saved: a resume names the keys that differ.
+            let config = toml::to_string_pretty(&self.cfg).context("serialising the config")?;
+            checkpoint::write_file(&tmp.join(checkpoint::CONFIG), config.as_bytes())?;
             checkpoint::commit(&self.run_dir, step, self.cfg.train.keep_checkpoints)?;
         }
         self.checkpointed = Some(step);

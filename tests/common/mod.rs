@@ -43,8 +43,10 @@ pub fn run(cfg: &Config, dir: &Path, resume: bool) -> anyhow::Result<Summary> {
         cfg,
         &RunOptions {
             run_dir: dir.to_path_buf(),
+            unique: false,
             resume,
             progress: false,
+            evaluate: true,
             launch: Default::default(),
             respawn: None,
         },
