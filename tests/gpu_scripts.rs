@@ -45,7 +45,7 @@ fn tar_list(archive: &Path) -> Vec<String> {
 const ONLY: &str = "nvidia-smi info kernels train-resnet20 train-resnet20-host torch-resnet20 \
                     summary-resnet20 summary-resnet20-host bench-select";
 
-fn gpu_check(out: &Path, budget_s: u32) -> (i32, String, Duration) {
+fn gpu_check(out: &Path, budget_s: u32, python: &Path) -> (i32, String, Duration) {
     let t = Instant::now();
     let o = Command::new("bash")
         .arg(repo().join("scripts/gpu-check.sh"))
@@ -60,7 +60,7 @@ fn gpu_check(out: &Path, budget_s: u32) -> (i32, String, Duration) {
             "data.synthetic_side=8 train.batch_size=8 data.synthetic_train=64 data.synthetic_test=16",
         )
         // No PyTorch here (and none is wanted in the tests): its steps are skipped.
-        .env("PYTHON", "python3")
+        .env("PYTHON", python)
         .env("RAYON_NUM_THREADS", "1")
         .output()
         .unwrap();
@@ -97,7 +97,7 @@ fn check_packaging(out: &Path) -> (String, Vec<String>) {
 fn the_gpu_check_dry_run_packs_every_step_into_two_files() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results");
-    let (code, text, _) = gpu_check(&out, 300);
+    let (code, text, _) = gpu_check(&out, 300, Path::new("python3"));
     let (summary, listed) = check_packaging(&out);
     // A binary without `cuda` on the CPU: the GPU-only steps are skipped, the training runs and
     // their summaries are real.
@@ -136,7 +136,20 @@ fn the_gpu_check_dry_run_packs_every_step_into_two_files() {
 fn a_gpu_check_cut_off_by_its_budget_returns_what_finished() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("results");
-    let (_, text, took) = gpu_check(&out, 18);
+    // A PyTorch step that never ends (a stand-in python that "has torch" and hangs in
+    // torch_step.py) spends the budget whatever the machine's speed: it is cut off at its limit,
+    // and the steps after it are not run.
+    let fake = dir.path().join("python-hangs");
+    std::fs::write(
+        &fake,
+        "#!/usr/bin/env bash\n\
+         [[ $1 == -c && $2 == 'import torch' ]] && exit 0\n\
+         [[ $1 == scripts/torch_step.py ]] && exec sleep 120\n\
+         exec python3 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (_, text, took) = gpu_check(&out, 18, &fake);
     let (summary, listed) = check_packaging(&out);
     assert!(
         took < Duration::from_secs(18 + 15),

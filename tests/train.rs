@@ -171,7 +171,10 @@ fn the_language_model_learns_and_resumes_exactly_with_its_hidden_state() {
     let epochs: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "epoch").collect();
     let first = epochs[0]["train_loss"].as_f64().unwrap();
     let last = epochs[7]["train_loss"].as_f64().unwrap();
-    assert!(last < first - 0.4, "train loss {first} -> {last}");
+    // With its LSTM biases training (they were frozen at their initial values until issue 14),
+    // most of the unigram statistics are learnt inside epoch 0, so the drop after it is smaller
+    // than it was (3.72 -> 3.58 here); chance is ln(50) = 3.91 and perplexity 50.
+    assert!(last < first - 0.1, "train loss {first} -> {last}");
     assert!(epochs[7]["test_perplexity"].as_f64().unwrap() < 40.0, "{:?}", epochs[7]);
     assert_eq!(s.steps, 96);
 

@@ -40,14 +40,20 @@ pub fn budget_per_worker(workers: usize) -> usize {
 /// Keeps freed memory in the process instead of handing it back to the kernel after every tensor:
 /// candle allocates a fresh buffer per op, and with glibc's defaults every buffer over the mmap
 /// threshold is mapped, faulted in page by page and unmapped again (a fifth of a ResNet-20 step
-/// on the CPU went to page faults). Glibc only; a no-op elsewhere.
-pub fn keep_freed_memory() {
+/// on the CPU went to page faults). glibc refuses an mmap threshold above 32 MiB (half its
+/// `HEAP_MAX_SIZE` on 64-bit), so that is the one asked for: larger buffers are still mapped.
+/// Returns whether the allocator took both settings (false off glibc, where it is a no-op).
+pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before the workers allocate.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        let max_mmap_threshold = 4 * 1024 * 1024 * std::mem::size_of::<libc::c_long>() as libc::c_int;
+        let mmap = libc::mallopt(libc::M_MMAP_THRESHOLD, max_mmap_threshold);
+        let trim = libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX);
+        mmap == 1 && trim == 1
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
 }
 
 /// Runs `f` on a rayon pool of `threads` threads of its own, so the parallel loops inside it (candle's
@@ -70,5 +76,11 @@ mod tests {
     fn the_pool_has_the_budgeted_threads() {
         let n = run_in_pool(3, "t", rayon::current_num_threads).unwrap();
         assert_eq!(n, 3);
+    }
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn glibc_takes_the_allocator_settings() {
+        assert!(keep_freed_memory());
     }
 }
