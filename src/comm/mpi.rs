@@ -22,8 +22,10 @@
 //! cores to the ones computing). A receive that sees nothing from its peer in time fails with an
 //! error naming that peer; a send is buffered (returns at once, as the default collectives need) and
 //! fails at a later call if its receiver has not taken it within `dist.timeout` of posting; a
-//! collective fails naming the operation (MPI does not say which rank is missing; the stalled rank
-//! is named by the point-to-point wait nearest to it, which times out first). The caller then ends
+//! collective that times out fails naming the operation and the missing ranks. MPI does not say
+//! who is missing, so the rank calls the roll: a zero-byte message to every peer, answered by any
+//! rank polling an operation here (every poll loop answers), and the ranks that do not answer
+//! within a second (stalled, or still computing) are named. The caller then ends
 //! the whole job with `MPI_Abort` (`MpiSession::abort`), since a rank stuck in MPI can only be
 //! stopped from outside and `MPI_Finalize` would wait for it.
 
@@ -110,6 +112,33 @@ pub struct MpiComm {
 unsafe impl Send for MpiComm {}
 
 const TAG: c_int = 0;
+/// After a collective times out: "are you there?" to every peer (zero bytes).
+const TAG_ROLL_CALL: c_int = 1;
+/// The answer of a rank that is inside MPI (polling any operation here) to a roll call.
+const TAG_PRESENT: c_int = 2;
+/// How long a rank whose collective timed out collects answers to its roll call (and answers
+/// the others'): ranks polling in MPI answer within milliseconds.
+const ROLL_CALL_GRACE: Duration = Duration::from_millis(1000);
+/// A valid address for zero-length buffers. An empty `Vec`'s pointer is dangling (the address 1
+/// for bytes), which Open MPI takes for `MPI_IN_PLACE` (also 1) and rejects with MPI_ERR_ARG.
+static EMPTY: [u64; 1] = [0];
+
+fn send_ptr(buf: &[u8]) -> *const c_void {
+    if buf.is_empty() {
+        EMPTY.as_ptr() as *const c_void
+    } else {
+        buf.as_ptr() as *const c_void
+    }
+}
+
+/// Only for buffers MPI writes nothing into when empty (zero counts).
+fn recv_ptr(buf: &mut [u8]) -> *mut c_void {
+    if buf.is_empty() {
+        EMPTY.as_ptr() as *mut c_void
+    } else {
+        buf.as_mut_ptr() as *mut c_void
+    }
+}
 /// See `MpiSession::abort`.
 const ABORT_GRACE: Duration = Duration::from_millis(500);
 
@@ -242,9 +271,105 @@ impl MpiComm {
         Ok(flag != 0)
     }
 
+    /// A zero-byte message with `tag` to `to`, not waited for (MPI completes it on its own).
+    fn signal(&self, to: usize, tag: c_int) -> Result<()> {
+        let mut req: ffi::MPI_Request = unsafe { ffi::RSMPI_REQUEST_NULL };
+        // SAFETY: zero bytes from a static address; the request is freed at once, which MPI allows
+        // for a send (it still completes).
+        unsafe {
+            check(
+                ffi::MPI_Isend(
+                    send_ptr(&[]),
+                    0,
+                    ffi::RSMPI_UINT8_T,
+                    to as c_int,
+                    tag,
+                    self.comm,
+                    &mut req,
+                ),
+                "MPI_Isend (roll call)",
+            )?;
+            check(ffi::MPI_Request_free(&mut req), "MPI_Request_free (roll call)")?;
+        }
+        Ok(())
+    }
+
+    /// Takes one zero-byte message with `tag` from any rank if one is there; returns its sender.
+    fn take_signal(&self, tag: c_int) -> Result<Option<usize>> {
+        let mut flag: c_int = 0;
+        let mut message: ffi::MPI_Message = unsafe { ffi::RSMPI_MESSAGE_NULL };
+        let mut status: ffi::MPI_Status = unsafe { std::mem::zeroed() };
+        // SAFETY: out-pointers are valid; a matched message is ours alone, and zero bytes long, so
+        // receiving it completes at once.
+        unsafe {
+            check(
+                ffi::MPI_Improbe(
+                    ffi::RSMPI_ANY_SOURCE,
+                    tag,
+                    self.comm,
+                    &mut flag,
+                    &mut message,
+                    &mut status,
+                ),
+                "MPI_Improbe (roll call)",
+            )?;
+            if flag == 0 {
+                return Ok(None);
+            }
+            check(
+                ffi::MPI_Mrecv(
+                    recv_ptr(&mut []),
+                    0,
+                    ffi::RSMPI_UINT8_T,
+                    &mut message,
+                    ffi::RSMPI_STATUS_IGNORE,
+                ),
+                "MPI_Mrecv (roll call)",
+            )?;
+        }
+        Ok(Some(status.MPI_SOURCE as usize))
+    }
+
+    /// Answers every roll call waiting for this rank: it is inside MPI, so present.
+    fn answer_roll_calls(&mut self) -> Result<()> {
+        while let Some(from) = self.take_signal(TAG_ROLL_CALL)? {
+            self.signal(from, TAG_PRESENT)?;
+        }
+        Ok(())
+    }
+
+    /// After a collective timed out: asks every peer whether it is there and returns the ones that
+    /// did not answer within `ROLL_CALL_GRACE` (a rank polling any MPI operation here answers; a
+    /// stalled or still computing one does not). Answers the others' roll calls meanwhile.
+    fn roll_call(&mut self) -> Vec<usize> {
+        let mut present = vec![false; self.world];
+        present[self.rank] = true;
+        for q in (0..self.world).filter(|&q| q != self.rank) {
+            if self.signal(q, TAG_ROLL_CALL).is_err() {
+                return Vec::new();
+            }
+        }
+        let deadline = Instant::now() + ROLL_CALL_GRACE.min(self.opts.timeout);
+        // Polls for the whole grace, even once all answered, to answer later roll calls.
+        let _ = poll_until(deadline, || {
+            while let Some(q) = self.take_signal(TAG_PRESENT)? {
+                present[q] = true;
+            }
+            while let Some(q) = self.take_signal(TAG_ROLL_CALL)? {
+                // A rank calling the roll is there too.
+                present[q] = true;
+                self.signal(q, TAG_PRESENT)?;
+            }
+            Ok(false)
+        });
+        (0..self.world).filter(|&q| !present[q]).collect()
+    }
+
     /// Completes the buffered sends whose receivers have taken them; one still waiting after
-    /// `dist.timeout` is an error naming its receiver.
+    /// `dist.timeout` is an error naming its receiver. Answers roll calls too (every poll loop
+    /// comes here).
     fn progress_sends(&mut self) -> Result<()> {
+        self.answer_roll_calls()?;
         let mut i = 0;
         while i < self.pending.len() {
             let mut req = self.pending[i].req;
@@ -268,7 +393,12 @@ impl MpiComm {
     }
 
     /// Waits for one request of a collective (or a receive), progressing the buffered sends too.
-    fn wait(&mut self, mut req: ffi::MPI_Request, what: &str, timeout_msg: impl FnOnce() -> String) -> Result<()> {
+    fn wait(
+        &mut self,
+        mut req: ffi::MPI_Request,
+        what: &str,
+        timeout_msg: impl FnOnce(&mut Self) -> String,
+    ) -> Result<()> {
         let deadline = Instant::now() + self.opts.timeout;
         let done = poll_until(deadline, || {
             self.progress_sends()?;
@@ -276,15 +406,26 @@ impl MpiComm {
         })?;
         if !done {
             self.broken = true;
-            bail!("{}", timeout_msg());
+            let msg = timeout_msg(self);
+            bail!("{msg}");
         }
         Ok(())
     }
 
-    /// A collective that did not finish in time: MPI does not say who is missing.
-    fn collective_timeout(&self, op: &str) -> String {
+    /// A collective that did not finish in time. MPI does not say who is missing, so the roll call
+    /// finds the ranks that are not inside MPI.
+    fn collective_timeout(&mut self, op: &str) -> String {
+        let absent = self.roll_call();
+        let who = match absent.as_slice() {
+            [] => "every rank answers a roll call, so some are in a different collective".to_string(),
+            [q] => format!("rank {q} has not joined it (it did not answer a roll call)"),
+            qs => format!(
+                "ranks {} have not joined it (they did not answer a roll call)",
+                qs.iter().map(|q| q.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        };
         format!(
-            "rank {}: {op} over {} ranks did not complete within {:?} (dist.timeout): a rank has not joined it",
+            "rank {}: {op} over {} ranks did not complete within {:?} (dist.timeout): {who}",
             self.rank, self.world, self.opts.timeout
         )
     }
@@ -295,8 +436,7 @@ impl MpiComm {
         // SAFETY: `ptr` points at `n` elements of `dtype` that outlive the wait below.
         let r = unsafe { ffi::MPI_Ibcast(ptr, n, dtype, root as c_int, self.comm, &mut req) };
         check(r, op)?;
-        let msg = self.collective_timeout(op);
-        self.wait(req, op, || msg)
+        self.wait(req, op, |c| c.collective_timeout(op))
     }
 }
 
@@ -319,7 +459,7 @@ impl Communicator for MpiComm {
         // the request completes.
         let r = unsafe {
             ffi::MPI_Isend(
-                buf.as_ptr() as *const c_void,
+                send_ptr(&buf),
                 n,
                 ffi::RSMPI_UINT8_T,
                 to as c_int,
@@ -372,18 +512,10 @@ impl Communicator for MpiComm {
         let mut req: ffi::MPI_Request = unsafe { ffi::RSMPI_REQUEST_NULL };
         // SAFETY: `buf` holds the matched message's `n` bytes and outlives the wait below (on a
         // timeout `broken` keeps Drop from freeing anything MPI may still write, and the job aborts).
-        let r = unsafe {
-            ffi::MPI_Imrecv(
-                buf.as_mut_ptr() as *mut c_void,
-                n,
-                ffi::RSMPI_UINT8_T,
-                &mut message,
-                &mut req,
-            )
-        };
+        let r = unsafe { ffi::MPI_Imrecv(recv_ptr(&mut buf), n, ffi::RSMPI_UINT8_T, &mut message, &mut req) };
         check(r, &what)?;
         let (rank, timeout) = (self.rank, self.opts.timeout);
-        let res = self.wait(req, &what, || {
+        let res = self.wait(req, &what, |_| {
             format!("rank {rank}: a message from rank {from} did not finish arriving within {timeout:?} (dist.timeout)")
         });
         if let Err(e) = res {
@@ -423,8 +555,9 @@ impl Communicator for MpiComm {
                 )
             };
             check(r, "MPI_Iallreduce")?;
-            let msg = self.collective_timeout("the all-reduce (MPI_Iallreduce)");
-            let res = self.wait(req, "MPI_Iallreduce", || msg);
+            let res = self.wait(req, "MPI_Iallreduce", |c| {
+                c.collective_timeout("the all-reduce (MPI_Iallreduce)")
+            });
             if let Err(e) = res {
                 std::mem::forget(input);
                 return Err(e);
@@ -455,8 +588,10 @@ impl Communicator for MpiComm {
             )
         };
         check(r, "MPI_Iallgather")?;
-        let m = self.collective_timeout("the all-gather of lengths (MPI_Iallgather)");
-        if let Err(e) = self.wait(req, "MPI_Iallgather", || m) {
+        let res = self.wait(req, "MPI_Iallgather", |c| {
+            c.collective_timeout("the all-gather of lengths (MPI_Iallgather)")
+        });
+        if let Err(e) = res {
             std::mem::forget(lens);
             return Err(e);
         }
@@ -478,10 +613,10 @@ impl Communicator for MpiComm {
         // SAFETY: `msg`, `counts`, `displs` and `all` (sum of counts bytes) outlive the wait below.
         let r = unsafe {
             ffi::MPI_Iallgatherv(
-                msg.as_ptr() as *const c_void,
+                send_ptr(msg),
                 counts[self.rank],
                 ffi::RSMPI_UINT8_T,
-                all.as_mut_ptr() as *mut c_void,
+                recv_ptr(&mut all),
                 counts.as_ptr(),
                 displs.as_ptr(),
                 ffi::RSMPI_UINT8_T,
@@ -490,8 +625,9 @@ impl Communicator for MpiComm {
             )
         };
         check(r, "MPI_Iallgatherv")?;
-        let m = self.collective_timeout("the all-gather (MPI_Iallgatherv)");
-        let res = self.wait(req, "MPI_Iallgatherv", || m);
+        let res = self.wait(req, "MPI_Iallgatherv", |c| {
+            c.collective_timeout("the all-gather (MPI_Iallgatherv)")
+        });
         if let Err(e) = res {
             std::mem::forget(all);
             std::mem::forget(counts);
@@ -530,13 +666,7 @@ impl Communicator for MpiComm {
             *msg = vec![0u8; len as usize];
         }
         let op = format!("the broadcast from rank {root} (MPI_Ibcast)");
-        if let Err(e) = self.bcast_raw(
-            root,
-            msg.as_mut_ptr() as *mut c_void,
-            msg.len(),
-            unsafe { ffi::RSMPI_UINT8_T },
-            &op,
-        ) {
+        if let Err(e) = self.bcast_raw(root, recv_ptr(msg), msg.len(), unsafe { ffi::RSMPI_UINT8_T }, &op) {
             // MPI may still write into the buffer: hand it over for good.
             std::mem::forget(std::mem::take(msg));
             return Err(e);
