@@ -315,8 +315,22 @@ pub enum Backend {
     /// One worker per process over TCP: the launcher's processes (torchrun, mpirun, srun,
     /// scripts/launch.sh), or without a launcher, processes this one starts.
     Tcp,
-    /// One worker per process and GPU over NCCL, bootstrapped over TCP; processes as for `tcp`.
+    /// One worker per process and GPU over NCCL, bootstrapped over TCP (over MPI when an `mpi`
+    /// binary was started by mpirun/srun); processes as for `tcp`.
     Nccl,
+    /// One worker per process over the system's MPI (feature `mpi`), started by mpirun or srun.
+    Mpi,
+}
+
+/// `dist.mpi_all_reduce`: how the mpi backend sums dense buffers.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum MpiAllReduce {
+    /// Our ring over MPI point to point: the same bits as every other backend.
+    #[default]
+    Ring,
+    /// `MPI_Allreduce`: the library's tuned algorithm, its own order of additions.
+    Native,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -332,6 +346,9 @@ pub struct DistConfig {
     /// tcp: the address this process's listeners bind to (rank 0's rendezvous store included).
     #[serde(default = "default_bind")]
     pub bind: String,
+    /// mpi backend: "ring" (default, bit-identical to the other backends) or "native".
+    #[serde(default)]
+    pub mpi_all_reduce: MpiAllReduce,
 }
 
 fn default_bind() -> String {
@@ -352,6 +369,7 @@ impl Default for DistConfig {
             backend: Backend::default(),
             timeout: default_timeout(),
             bind: default_bind(),
+            mpi_all_reduce: MpiAllReduce::default(),
         }
     }
 }
@@ -640,6 +658,14 @@ impl Config {
                         .into(),
                 );
             }
+        }
+        if self.dist.backend == Backend::Mpi && !cfg!(feature = "mpi") {
+            errs.push(
+                "dist.backend = \"mpi\": this binary was built without the `mpi` feature (build one with \
+                 `cargo build --release --features mpi` where MPI is installed, or use dist.backend = \"tcp\" or \
+                 \"auto\")"
+                    .into(),
+            );
         }
         if self.dist.bind.parse::<std::net::IpAddr>().is_err() {
             errs.push(format!(
@@ -961,6 +987,22 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn mpi_is_refused_without_the_feature() {
+        let r = Config::parse(BASE, &["dist.backend=mpi".into(), "dist.mpi_all_reduce=native".into()]);
+        if cfg!(feature = "mpi") {
+            assert_eq!(r.unwrap().dist.mpi_all_reduce, MpiAllReduce::Native);
+        } else {
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(
+                e.contains("dist.backend = \"mpi\": this binary was built without the `mpi` feature"),
+                "{e}"
+            );
+        }
+        let e = err(BASE, &["dist.mpi_all_reduce=\"tree\""]);
+        assert!(e.contains("mpi_all_reduce"), "{e}");
     }
 
     #[test]

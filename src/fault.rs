@@ -9,6 +9,8 @@
 //!   ranks sum to infinity).
 //! - `leak-mass:RANK:STEP`: rank RANK's residual gains mass at step STEP, after the aggregation (a bug
 //!   in a merge or a transport that corrupts a value would look like this to the conservation check).
+//! - `stall:RANK:STEP`: rank RANK stops at step STEP, before its gradient reaches the communicator,
+//!   and never goes on (a hung GPU or a stuck file system looks like this to its peers).
 //!
 //! The variable is read once per process; a malformed value is an error at the start of training.
 
@@ -24,6 +26,7 @@ pub enum Fault {
     NanGrad { rank: usize, step: u64 },
     HugeGrad { rank: usize, step: u64 },
     LeakMass { rank: usize, step: u64 },
+    Stall { rank: usize, step: u64 },
 }
 
 pub fn parse(spec: &str) -> Result<Vec<Fault>> {
@@ -50,8 +53,12 @@ pub fn parse(spec: &str) -> Result<Vec<Fault>> {
                 rank: num(1)? as usize,
                 step: num(2)?,
             },
+            ("stall", 3) => Fault::Stall {
+                rank: num(1)? as usize,
+                step: num(2)?,
+            },
             _ => bail!(
-                "{ENV}: {item:?} is not a fault (checkpoint-write-fail:STEP, nan-grad:RANK:STEP, huge-grad:RANK:STEP, leak-mass:RANK:STEP)"
+                "{ENV}: {item:?} is not a fault (checkpoint-write-fail:STEP, nan-grad:RANK:STEP, huge-grad:RANK:STEP, leak-mass:RANK:STEP, stall:RANK:STEP)"
             ),
         };
         out.push(fault);
@@ -116,6 +123,17 @@ pub fn bad_grad(rank: usize, step: u64, grad: &mut [f32]) {
     }
 }
 
+/// Never returns under `stall`: the process stays alive and silent, so only its peers' timeouts
+/// (or the launcher) can end the job.
+pub fn stall(rank: usize, step: u64) {
+    if armed(Fault::Stall { rank, step }) {
+        eprintln!("warning: rank {rank} stalls at step {step} ({ENV})");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
 pub fn leak_mass(rank: usize, step: u64, residual: &mut [f32]) {
     if armed(Fault::LeakMass { rank, step }) {
         // As large as the whole residual, so the relative error is far above any rounding.
@@ -133,10 +151,11 @@ mod tests {
     #[test]
     fn plans_parse_and_bad_ones_are_named() {
         assert_eq!(
-            parse("checkpoint-write-fail:4, nan-grad:1:3").unwrap(),
+            parse("checkpoint-write-fail:4, nan-grad:1:3, stall:2:5").unwrap(),
             vec![
                 Fault::CheckpointWriteFail { step: 4 },
-                Fault::NanGrad { rank: 1, step: 3 }
+                Fault::NanGrad { rank: 1, step: 3 },
+                Fault::Stall { rank: 2, step: 5 }
             ]
         );
         assert!(parse("").unwrap().is_empty());

@@ -80,6 +80,12 @@ struct Sourced<T> {
 }
 
 impl LaunchInfo {
+    /// mpirun or srun started this process (Open MPI's, MPICH's or Slurm's variables won), so an
+    /// MPI library can join the job from its own launcher's state.
+    pub fn started_by_mpi_launcher(&self) -> bool {
+        matches!(self.source, "openmpi" | "mpich" | "slurm")
+    }
+
     /// Reads the real process environment.
     pub fn from_env(overrides: &Overrides) -> Result<LaunchInfo> {
         Self::detect(|k| std::env::var(k).ok(), overrides)
@@ -284,6 +290,23 @@ mod tests {
     fn slurm_variables() {
         let i = ok(&[("SLURM_PROCID", "7"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "3")]);
         assert_eq!((i.rank, i.world_size, i.local_rank, i.source), (7, 16, 3, "slurm"));
+    }
+
+    #[test]
+    fn mpirun_and_srun_are_mpi_launchers_torchrun_is_not() {
+        let mpi = |vars: &[(&str, &str)]| ok(vars).started_by_mpi_launcher();
+        assert!(mpi(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "2")]));
+        assert!(mpi(&[("PMI_RANK", "0"), ("PMI_SIZE", "2")]));
+        assert!(mpi(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2")]));
+        assert!(!mpi(&[("RANK", "0"), ("WORLD_SIZE", "2")]));
+        assert!(!mpi(&[]));
+        // launch.sh inside an allocation: torchrun's variables win, so no MPI.
+        assert!(!mpi(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1")
+        ]));
     }
 
     #[test]

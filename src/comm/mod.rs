@@ -13,6 +13,8 @@
 mod collectives;
 pub mod launch;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;

@@ -48,6 +48,7 @@ impl Engine for HostEngine {
     fn load_grad(&mut self, model: &Model, grads: &GradStore, rank: usize, step: u64) -> Result<bool> {
         model.flat_grad(grads, &mut self.grad)?;
         crate::fault::bad_grad(rank, step, &mut self.grad);
+        crate::fault::stall(rank, step);
         Ok(self.grad.iter().all(|g| g.is_finite()))
     }
 

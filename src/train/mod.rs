@@ -33,7 +33,7 @@ use crate::config::{Backend, Config, DataSource, DeviceSpec};
 use crate::data::audio::an4;
 use crate::data::{cifar, ptb, synthetic, synthetic_audio, synthetic_text};
 use anyhow::{anyhow, bail, Context, Result};
-use plan::{Plan, Situation, Transport};
+use plan::{Bootstrap, Plan, Situation, Transport};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -305,6 +305,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         },
         launcher: (info.source != "none").then_some(info.world_size),
         can_spawn: opts.respawn.is_some(),
+        mpi_build: cfg!(feature = "mpi"),
+        mpi_launcher: info.started_by_mpi_launcher(),
     };
     let choice = plan::plan(&situation).map_err(|e| anyhow!(e))?;
     match choice.plan {
@@ -313,7 +315,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             // A rank started by `train_spawned` was already explained by its parent.
             let why = (info.rank == 0 && !spawn::is_child()).then_some(choice.why.as_str());
             spawn::watch_parent();
-            let summary = train_process(cfg, opts, &info, transport, why)?;
+            let summary = train_process(cfg, opts, &info, transport, choice.bootstrap, why)?;
             if spawn::is_child() && summary.rank == 0 {
                 spawn::report_summary(&serde_json::to_value(&summary)?);
             }
@@ -366,13 +368,14 @@ fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
 /// (scripts/launch.sh's default too).
 const SPAWN_GRACE: Duration = Duration::from_secs(5);
 
-/// This process is one rank of a multi-process job: join it over TCP, load its data and open its
-/// device, let rank 0 set up the run directory, switch to NCCL if asked, then train.
+/// This process is one rank of a multi-process job: join it (over TCP or MPI), let rank 0 set up
+/// the run directory, switch to NCCL if asked, then train.
 fn train_process(
     cfg: &Config,
     opts: &RunOptions,
     info: &LaunchInfo,
     transport: Transport,
+    bootstrap: Bootstrap,
     why: Option<&str>,
 ) -> Result<Summary> {
     let started = Instant::now();
@@ -388,27 +391,109 @@ fn train_process(
             info.source
         );
     }
-    let port = info.master_port.unwrap_or(0);
-    let secret = std::env::var("GTOPK_JOB_SECRET").unwrap_or_else(|_| "gtopk".into());
-    let mut topts = TcpOptions::new(job_token(port, &secret), cfg.fingerprint(), env!("CARGO_PKG_VERSION"));
+    match bootstrap {
+        Bootstrap::Tcp => {
+            let port = info.master_port.unwrap_or(0);
+            let secret = std::env::var("GTOPK_JOB_SECRET").unwrap_or_else(|_| "gtopk".into());
+            let mut topts = TcpOptions::new(job_token(port, &secret), cfg.fingerprint(), env!("CARGO_PKG_VERSION"));
+            topts.timeout = Duration::from_secs_f64(cfg.dist.timeout);
+            topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
+            let tcp = TcpComm::connect(info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
+            train_rank(cfg, opts, info, transport, Box::new(tcp), started, why)
+        }
+        Bootstrap::Mpi => train_mpi_rank(cfg, opts, info, transport, started, why),
+    }
+}
+
+/// Under MPI a failed rank ends the whole job (`MPI_Abort`): its peers may be blocked inside MPI
+/// waiting for it, and MPI_Finalize would wait for them.
+#[cfg(feature = "mpi")]
+fn train_mpi_rank(
+    cfg: &Config,
+    opts: &RunOptions,
+    info: &LaunchInfo,
+    transport: Transport,
+    started: Instant,
+    why: Option<&str>,
+) -> Result<Summary> {
+    use crate::comm::mpi::{MpiComm, MpiOptions, MpiSession};
+    let session = MpiSession::init().with_context(|| format!("rank {}: starting MPI", info.rank))?;
+    let joined = (|| {
+        let comm = MpiComm::connect(
+            &session,
+            MpiOptions {
+                timeout: Duration::from_secs_f64(cfg.dist.timeout),
+                native_all_reduce: cfg.dist.mpi_all_reduce == crate::config::MpiAllReduce::Native,
+                fingerprint: cfg.fingerprint(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+        )?;
+        ensure_same_world(&comm, info)?;
+        train_rank(cfg, opts, info, transport, Box::new(comm), started, why)
+    })();
+    match joined {
+        Ok(summary) => Ok(summary),
+        Err(e) => session.abort(&ranked(info.rank, e)),
+    }
+}
+
+/// MPI's own view of the job must be the launcher's: `srun` without an MPI plugin (`--mpi=pmix`)
+/// starts N singletons of one rank each.
+#[cfg(feature = "mpi")]
+fn ensure_same_world(comm: &dyn Communicator, info: &LaunchInfo) -> Result<()> {
+    if (comm.rank(), comm.world_size()) != (info.rank, info.world_size) {
+        bail!(
+            "MPI sees rank {} of {} but the launcher ({}) says rank {} of {}: under srun pass --mpi=pmix (or \
+             the plugin your MPI was built for); with --rank/--world-size flags, drop them",
+            comm.rank(),
+            comm.world_size(),
+            info.source,
+            info.rank,
+            info.world_size
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn train_mpi_rank(
+    _: &Config,
+    _: &RunOptions,
+    _: &LaunchInfo,
+    _: Transport,
+    _: Instant,
+    _: Option<&str>,
+) -> Result<Summary> {
+    bail!("dist.backend = \"mpi\": this binary was built without the `mpi` feature")
+}
+
+/// One rank's training once `joined` connects it to the others (TCP or MPI): load its data and
+/// open its device, let rank 0 set up the run directory, switch to NCCL if asked, then train.
+fn train_rank(
+    cfg: &Config,
+    opts: &RunOptions,
+    info: &LaunchInfo,
+    transport: Transport,
+    mut joined: Box<dyn Communicator>,
+    started: Instant,
+    why: Option<&str>,
+) -> Result<Summary> {
+    let rank = info.rank;
     let timeout = Duration::from_secs_f64(cfg.dist.timeout);
-    topts.timeout = timeout;
-    topts.bind_ip = cfg.dist.bind.parse().context("dist.bind")?;
-    let mut tcp = TcpComm::connect(info, &topts).with_context(|| format!("rank {rank}: joining the job"))?;
     let data = load_data(cfg).map_err(|e| ranked(rank, e))?;
     let dev = device::open(&cfg.device, info.local_rank).map_err(|e| ranked(rank, e))?;
-    let run = agree_on_run_dir(&mut tcp, cfg, opts)?;
+    let run = agree_on_run_dir(&mut *joined, cfg, opts)?;
     if let Some(why) = why {
         eprintln!("{why}");
     }
     let result = (|| {
-        // Under NCCL the TCP connections stay open until the job ends, idle: closing them while a
-        // slower rank is still inside NCCL's setup would look to it like a lost peer.
-        let (comm, _bootstrap): (Box<dyn Communicator>, Option<TcpComm>) = match transport {
-            Transport::Tcp => (Box::new(tcp), None),
+        // Under NCCL the bootstrap connections stay open until the job ends, idle: closing them
+        // while a slower rank is still inside NCCL's setup would look to it like a lost peer.
+        let (comm, _bootstrap): (Box<dyn Communicator>, Option<Box<dyn Communicator>>) = match transport {
+            Transport::Tcp | Transport::Mpi => (joined, None),
             Transport::Nccl => (
-                nccl_comm(&mut tcp, &dev, timeout).map_err(|e| ranked(rank, e))?,
-                Some(tcp),
+                nccl_comm(&mut *joined, &dev, timeout).map_err(|e| ranked(rank, e))?,
+                Some(joined),
             ),
         };
         let mut w = Worker::new(cfg, run.path.clone(), comm, &data, &dev).map_err(|e| ranked(rank, e))?;
@@ -430,10 +515,14 @@ fn train_process(
     })
 }
 
-/// The NCCL communicator on the rank's one stream (the model's), its unique id passed over the TCP
-/// group.
+/// The NCCL communicator on the rank's one stream (the model's), its unique id broadcast over the
+/// bootstrap group (TCP, or MPI under mpirun/srun in an `mpi` build).
 #[cfg(feature = "cuda")]
-fn nccl_comm(bootstrap: &mut TcpComm, dev: &candle_core::Device, timeout: Duration) -> Result<Box<dyn Communicator>> {
+fn nccl_comm(
+    bootstrap: &mut dyn Communicator,
+    dev: &candle_core::Device,
+    timeout: Duration,
+) -> Result<Box<dyn Communicator>> {
     if !dev.is_cuda() {
         bail!("dist.backend = \"nccl\": the model is not on a GPU");
     }
@@ -443,14 +532,14 @@ fn nccl_comm(bootstrap: &mut TcpComm, dev: &candle_core::Device, timeout: Durati
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_comm(_: &mut TcpComm, _: &candle_core::Device, _: Duration) -> Result<Box<dyn Communicator>> {
+fn nccl_comm(_: &mut dyn Communicator, _: &candle_core::Device, _: Duration) -> Result<Box<dyn Communicator>> {
     bail!("dist.backend = \"nccl\": this binary was built without the `cuda` feature")
 }
 
 /// Rank 0 alone prepares the run directory (two ranks checking "is it empty?" would race); the
 /// others learn the outcome and the directory from it, so a refusal stops every rank with rank 0's
 /// reason, and every rank writes into the directory rank 0 chose.
-fn agree_on_run_dir(comm: &mut TcpComm, cfg: &Config, opts: &RunOptions) -> Result<RunDir> {
+fn agree_on_run_dir(comm: &mut dyn Communicator, cfg: &Config, opts: &RunOptions) -> Result<RunDir> {
     let mine = if comm.rank() == 0 {
         Some(prepare_run_dir(cfg, opts))
     } else {

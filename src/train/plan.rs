@@ -9,6 +9,8 @@ use std::fmt;
 pub enum Transport {
     Tcp,
     Nccl,
+    /// Host bytes over the system's MPI (feature `mpi`).
+    Mpi,
 }
 
 impl fmt::Display for Transport {
@@ -16,6 +18,7 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Transport::Tcp => "tcp",
             Transport::Nccl => "nccl",
+            Transport::Mpi => "mpi",
         })
     }
 }
@@ -44,11 +47,25 @@ pub struct Situation {
     pub launcher: Option<usize>,
     /// This process can start copies of itself (the command line can; a library caller cannot).
     pub can_spawn: bool,
+    /// The binary has the `mpi` feature.
+    pub mpi_build: bool,
+    /// The launcher is mpirun or srun (Open MPI's, MPICH's or Slurm's variables), whose processes
+    /// MPI_Init can join.
+    pub mpi_launcher: bool,
+}
+
+/// How the ranks of a `Process` plan find each other before training: the TCP rendezvous store, or
+/// MPI itself (the mpi transport, and NCCL's unique id broadcast over MPI).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    Tcp,
+    Mpi,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Choice {
     pub plan: Plan,
+    pub bootstrap: Bootstrap,
     /// One line for the log: what was chosen and why.
     pub why: String,
 }
@@ -59,6 +76,21 @@ fn count(n: usize, one: &str, many: &str) -> String {
 
 /// Decides how the job runs; an error names `dist.backend` and says what would work.
 pub fn plan(s: &Situation) -> Result<Choice, String> {
+    let mut c = transport(s)?;
+    // A GPU job that mpirun/srun started joins through MPI in an MPI build: the cluster's launcher
+    // is then the whole launch, no MASTER_ADDR/MASTER_PORT needed.
+    if matches!(c.plan, Plan::Process(Transport::Mpi))
+        || (matches!(c.plan, Plan::Process(Transport::Nccl)) && s.mpi_build && s.mpi_launcher)
+    {
+        c.bootstrap = Bootstrap::Mpi;
+        if c.plan == Plan::Process(Transport::Nccl) {
+            c.why.push_str(" (NCCL bootstrapped over MPI)");
+        }
+    }
+    Ok(c)
+}
+
+fn transport(s: &Situation) -> Result<Choice, String> {
     let p = s.workers;
     let workers = count(p, "worker", "workers");
     let on = if s.cuda {
@@ -66,11 +98,24 @@ pub fn plan(s: &Situation) -> Result<Choice, String> {
     } else {
         "the CPU".to_string()
     };
-    let choice = |plan, why: String| Ok(Choice { plan, why });
+    let choice = |plan, why: String| {
+        Ok(Choice {
+            plan,
+            bootstrap: Bootstrap::Tcp,
+            why,
+        })
+    };
     if s.backend == Backend::Nccl && !s.cuda {
         return Err(
             "dist.backend = \"nccl\" needs the model on a GPU, but the device is the CPU (no GPU visible, or a \
              binary without `cuda`): use dist.backend = \"tcp\" or \"auto\""
+                .into(),
+        );
+    }
+    if s.backend == Backend::Mpi && !s.mpi_build {
+        return Err(
+            "dist.backend = \"mpi\": this binary was built without the `mpi` feature: build with `--features mpi`, \
+             or use dist.backend = \"tcp\" or \"auto\""
                 .into(),
         );
     }
@@ -83,13 +128,18 @@ pub fn plan(s: &Situation) -> Result<Choice, String> {
         }
         Backend::Tcp => Some(Transport::Tcp),
         Backend::Nccl => Some(Transport::Nccl),
+        Backend::Mpi => Some(Transport::Mpi),
         Backend::Auto => None,
     };
     // Under `srun` or in an allocation, every command inherits a launcher's variables for a world of
     // one; for `auto` that is no launcher at all, so the job can still use this node's GPUs.
     let launcher = s.launcher.filter(|&w| explicit.is_some() || w > 1);
     if let Some(world) = launcher {
-        let t = explicit.unwrap_or(if s.cuda { Transport::Nccl } else { Transport::Tcp });
+        let t = explicit.unwrap_or(match (s.cuda, s.mpi_build && s.mpi_launcher) {
+            (true, _) => Transport::Nccl,
+            (false, true) => Transport::Mpi,
+            (false, false) => Transport::Tcp,
+        });
         return choice(
             Plan::Process(t),
             format!("one rank of a {world}-process job from the launcher, over {t}"),
@@ -116,6 +166,11 @@ pub fn plan(s: &Situation) -> Result<Choice, String> {
             format!("{workers} on {on}: in-process workers (local backend)"),
         ),
         Some(t) if p == 1 => choice(Plan::Process(t), format!("{workers} on {on}: a one-process {t} job")),
+        // MPI's processes come from its launcher; this one cannot make itself their parent.
+        Some(Transport::Mpi) => Err(format!(
+            "dist.backend = \"mpi\" with dist.workers = {p} and no launcher: start the ranks with \
+             `mpirun -np {p} gtopk train ...` or `srun -n {p} gtopk train ...`, or use dist.backend = \"tcp\""
+        )),
         Some(t) if !s.can_spawn => Err(format!(
             "dist.backend = \"{t}\" with dist.workers = {p} and no launcher: this caller cannot start the \
              processes; start them with a launcher (torchrun, mpirun, srun, scripts/launch.sh) or use \
@@ -136,7 +191,7 @@ pub fn plan(s: &Situation) -> Result<Choice, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Backend::{Auto, Local, Nccl, Tcp};
+    use Backend::{Auto, Local, Mpi, Nccl, Tcp};
     use Plan::{Process, Spawn};
     use Transport as T;
 
@@ -157,6 +212,8 @@ mod tests {
             gpus,
             launcher,
             can_spawn: true,
+            mpi_build: false,
+            mpi_launcher: false,
         })
         .map(|c| c.plan)
     }
@@ -221,6 +278,8 @@ mod tests {
                 gpus: 4,
                 launcher: None,
                 can_spawn: false,
+                mpi_build: false,
+                mpi_launcher: false,
             })
         };
         let e = no_spawn(Tcp).unwrap_err();
@@ -238,6 +297,8 @@ mod tests {
                 gpus,
                 launcher: None,
                 can_spawn: true,
+                mpi_build: false,
+                mpi_launcher: false,
             })
             .unwrap()
             .why
@@ -255,5 +316,80 @@ mod tests {
             "4 workers on the CPU: in-process workers (local backend)"
         );
         assert!(why(Tcp, false, 0, 2).contains("starting one process per worker over tcp"));
+    }
+
+    /// backend, cuda, mpi build, mpi launcher, launcher world, workers => plan and bootstrap
+    type MpiRow = (Backend, bool, bool, bool, Option<usize>, usize, Plan, Bootstrap);
+
+    #[test]
+    fn the_mpi_table() {
+        use Bootstrap::{Mpi as ByMpi, Tcp as ByTcp};
+        #[rustfmt::skip]
+        let rows: &[MpiRow] = &[
+            // auto under mpirun/srun in an MPI build: mpi on the CPU, NCCL bootstrapped over MPI.
+            (Auto, false, true,  true,  Some(4), 4, Process(T::Mpi),  ByMpi),
+            (Auto, true,  true,  true,  Some(4), 4, Process(T::Nccl), ByMpi),
+            // ... but not without the feature, nor under torchrun / launch.sh.
+            (Auto, false, false, true,  Some(4), 4, Process(T::Tcp),  ByTcp),
+            (Auto, true,  false, true,  Some(4), 4, Process(T::Nccl), ByTcp),
+            (Auto, false, true,  false, Some(4), 4, Process(T::Tcp),  ByTcp),
+            (Auto, true,  true,  false, Some(4), 4, Process(T::Nccl), ByTcp),
+            // A world of one from an allocation is no launcher for auto.
+            (Auto, false, true,  true,  Some(1), 4, Plan::Local,      ByTcp),
+            // Explicit mpi: the launcher's rank, or a one-rank job (MPI singleton).
+            (Mpi,  false, true,  true,  Some(4), 4, Process(T::Mpi),  ByMpi),
+            (Mpi,  true,  true,  true,  Some(4), 4, Process(T::Mpi),  ByMpi),
+            (Mpi,  false, true,  false, None,    1, Process(T::Mpi),  ByMpi),
+            // Explicit tcp and nccl keep their own bootstrap choice.
+            (Tcp,  false, true,  true,  Some(4), 4, Process(T::Tcp),  ByTcp),
+            (Nccl, true,  true,  true,  Some(4), 4, Process(T::Nccl), ByMpi),
+            (Nccl, true,  true,  false, None,    4, Spawn(T::Nccl),   ByTcp),
+        ];
+        for &(backend, cuda, mpi_build, mpi_launcher, launcher, workers, want, boot) in rows {
+            let got = plan(&Situation {
+                backend,
+                workers,
+                cuda,
+                gpus: if cuda { 4 } else { 0 },
+                launcher,
+                can_spawn: true,
+                mpi_build,
+                mpi_launcher,
+            })
+            .map(|c| (c.plan, c.bootstrap));
+            assert_eq!(
+                got,
+                Ok((want, boot)),
+                "{backend:?} cuda={cuda} mpi_build={mpi_build} mpi_launcher={mpi_launcher} launcher={launcher:?} \
+                 workers={workers}"
+            );
+        }
+    }
+
+    #[test]
+    fn mpi_refusals_name_dist_backend_and_the_fix() {
+        let refuse = |mpi_build, workers| {
+            plan(&Situation {
+                backend: Mpi,
+                workers,
+                cuda: false,
+                gpus: 0,
+                launcher: None,
+                can_spawn: true,
+                mpi_build,
+                mpi_launcher: false,
+            })
+            .unwrap_err()
+        };
+        let e = refuse(false, 1);
+        assert!(
+            e.contains("dist.backend = \"mpi\"") && e.contains("--features mpi"),
+            "{e}"
+        );
+        let e = refuse(true, 3);
+        assert!(
+            e.contains("dist.backend = \"mpi\"") && e.contains("mpirun -np 3"),
+            "{e}"
+        );
     }
 }

@@ -386,6 +386,7 @@ impl<K: Kernels> Engine for DeviceEngine<K> {
         // Fault injection (tests of the non-finite handling) edits the first value.
         let mut probe = [0.0f32];
         crate::fault::bad_grad(rank, step, &mut probe);
+        crate::fault::stall(rank, step);
         if probe[0] != 0.0 {
             let head = Tensor::new(&probe, grad.device())?;
             grad = Tensor::cat(&[head, grad.narrow(0, 1, self.d() - 1)?], 0)?;
