@@ -4,7 +4,7 @@
 mod common;
 
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -94,15 +94,26 @@ const LONG: &[&str] = &[
     "sparse.density=0.05",
 ];
 
-#[test]
-fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_metrics_byte_for_byte() {
+/// A scratch folder with the test config and the uninterrupted `LONG` run that an interrupted
+/// one is compared with: (folder, config, that run's directory).
+fn uninterrupted_run() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let cfg = common::write_config(d);
-    let c = cfg.to_str().unwrap();
     let whole = d.join("whole");
-    let (code, _, err) = gtopk(&train_args(c, "--run-dir", whole.to_str().unwrap(), LONG), d);
+    let (code, _, err) = gtopk(
+        &train_args(cfg.to_str().unwrap(), "--run-dir", whole.to_str().unwrap(), LONG),
+        d,
+    );
     assert_eq!(code, 0, "{err}");
+    (tmp, cfg, whole)
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_metrics_byte_for_byte() {
+    let (tmp, cfg, whole) = uninterrupted_run();
+    let d = tmp.path();
+    let c = cfg.to_str().unwrap();
 
     let at = random_step(3, 30);
     let part = d.join("part");
@@ -146,13 +157,9 @@ fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_metrics_byte_for_byte()
 
 #[test]
 fn ctrl_c_on_spawned_ranks_stops_them_all_at_one_step() {
-    let tmp = tempfile::tempdir().unwrap();
+    let (tmp, cfg, whole) = uninterrupted_run();
     let d = tmp.path();
-    let cfg = common::write_config(d);
     let c = cfg.to_str().unwrap();
-    let whole = d.join("whole");
-    let (code, _, err) = gtopk(&train_args(c, "--run-dir", whole.to_str().unwrap(), LONG), d);
-    assert_eq!(code, 0, "{err}");
     let mut sets = LONG.to_vec();
     sets.push("dist.backend=tcp");
     let part = d.join("part");
