@@ -5,6 +5,7 @@
 #
 #   scripts/bench-vs-torch.sh                 # creates .torch-venv with torch from PyPI (once)
 #   TORCH_PYTHON=/path/to/venv/bin/python scripts/bench-vs-torch.sh
+#   GTOPK=/path/to/gtopk scripts/bench-vs-torch.sh   # another build (else: cargo build --release)
 #
 # Environment: THREADS (default: all cores), ROUNDS (3), STEPS (timed steps per run, 5),
 # ROWS (space-separated subset of: resnet20-32 resnet20-128 vgg16-16 ptb-20 an4-16), OUT (a
@@ -30,8 +31,10 @@ if [[ -z "${TORCH_PYTHON:-}" ]]; then
 fi
 "$TORCH_PYTHON" -c "import torch" || { echo "bench-vs-torch: $TORCH_PYTHON cannot import torch" >&2; exit 1; }
 
-cargo build --release --quiet
-GTOPK=target/release/gtopk
+if [[ -z "${GTOPK:-}" ]]; then
+    cargo build --release --quiet
+    GTOPK=target/release/gtopk
+fi
 
 # Per row: batch, gtopk config and overrides, torch_step.py arguments.
 row() {

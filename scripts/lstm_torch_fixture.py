@@ -7,30 +7,12 @@ The file holds the weights under PyTorch's names, the input, the initial state, 
 final state and the gradients of every weight, both biases per layer, and the input
 (`grad.<name>`). src/models/lstm.rs's test `matches_pytorch_outputs_and_gradients` reads it.
 
-Run through scripts/lstm-torch-fixture.sh (which makes the venv); writes safetensors by hand so it
-needs nothing but torch.
+Run through scripts/torch-fixtures.sh (which makes the venv).
 """
-import json
-import struct
 import sys
 
 import torch
-
-
-def save_safetensors(path, tensors):
-    header, blobs, off = {}, [], 0
-    for name, t in tensors.items():
-        b = t.detach().to(torch.float32).contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+from torch_fixture_io import save_safetensors
 
 
 def main(path):

@@ -4,12 +4,12 @@
 //! (context 20) + Hardtanh, and BN + Linear(hidden, 29, no bias). With 161 frequency bins,
 //! 5 x 800: about 27.6M parameters. Names follow deepspeech.pytorch's state dict.
 
+use super::batch_norm::BatchNorm;
 use super::builder::{Builder, Init};
 use super::conv::ConvParams;
-use super::layers::{batch_norm, bn, Conv2d, Linear};
+use super::layers::{Conv2d, Linear};
 use super::lstm::Lstm;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::BatchNorm;
 
 const CONTEXT: usize = 20;
 
@@ -53,9 +53,9 @@ impl DeepSpeech {
             padding: (10, 5),
         };
         let conv1 = Conv2d::with_kernel(&seq.pp(0), 1, ch, (41, 11), p1, conv1_init, Some(conv1_init))?;
-        let bn1 = batch_norm(&seq.pp(1), ch)?;
+        let bn1 = BatchNorm::new(&seq.pp(1), ch)?;
         let conv2 = Conv2d::with_kernel(&seq.pp(3), ch, ch, (21, 11), p2, conv2_init, Some(conv2_init))?;
-        let bn2 = batch_norm(&seq.pp(4), ch)?;
+        let bn2 = BatchNorm::new(&seq.pp(4), ch)?;
         let f1 = (bins + 2 * 20 - 41) / 2 + 1;
         let f2 = (f1 + 2 * 10 - 21) / 2 + 1;
         let mut rnns = Vec::new();
@@ -65,7 +65,7 @@ impl DeepSpeech {
             let norm = if k == 0 {
                 None
             } else {
-                Some(batch_norm(&r.pp("batch_norm").pp("module"), input)?)
+                Some(BatchNorm::new(&r.pp("batch_norm").pp("module"), input)?)
             };
             rnns.push((norm, Lstm::new(&r.pp("rnn"), input, hidden, 1, 0.0)?));
         }
@@ -74,7 +74,7 @@ impl DeepSpeech {
             .pp("conv")
             .var("weight", (hidden, 1, CONTEXT + 1), uniform(CONTEXT + 1))?;
         let fc = b.pp("fc").pp(0).pp("module");
-        let fc_bn = batch_norm(&fc.pp(0), hidden)?;
+        let fc_bn = BatchNorm::new(&fc.pp(0), hidden)?;
         let fc = Linear::new(&fc.pp(1), hidden, classes, false, uniform(hidden), Init::Const(0.0))?;
         Ok(Self {
             conv1,
@@ -107,9 +107,9 @@ impl DeepSpeech {
         let y = self.conv1.forward(x)?;
         let mask = time_mask(&lengths, y.dim(3)?, (n, 1, 1, ()), y.device())?;
         let y = y.broadcast_mul(&mask)?;
-        let y = hardtanh(&bn(&self.bn1, &y, train)?.broadcast_mul(&mask)?)?;
+        let y = hardtanh(&self.bn1.forward_t(&y, train)?.broadcast_mul(&mask)?)?;
         let y = self.conv2.forward(&y)?.broadcast_mul(&mask)?;
-        let y = hardtanh(&bn(&self.bn2, &y, train)?.broadcast_mul(&mask)?)?;
+        let y = hardtanh(&self.bn2.forward_t(&y, train)?.broadcast_mul(&mask)?)?;
         let (n, c, f, t) = y.dims4()?;
         let step_mask = time_mask(&lengths, t, (n, t), y.device())?.t()?.reshape((t, n, 1))?;
         // [N, C * F, T] -> [T, N, C * F]
@@ -117,14 +117,14 @@ impl DeepSpeech {
         for (norm, lstm) in &self.rnns {
             if let Some(norm) = norm {
                 let d = h.dim(2)?;
-                h = bn(norm, &h.reshape((t * n, d))?, train)?.reshape((t, n, d))?;
+                h = norm.forward_t(&h.reshape((t * n, d))?, train)?.reshape((t, n, d))?;
             }
             let state = lstm.zero_state(n, h.device())?;
             h = lstm.forward(&h, &state, None)?.0.broadcast_mul(&step_mask)?;
         }
         let h = hardtanh(&self.lookahead_conv(&h)?)?;
         let d = h.dim(2)?;
-        let z = bn(&self.fc_bn, &h.reshape((t * n, d))?, train)?;
+        let z = self.fc_bn.forward_t(&h.reshape((t * n, d))?, train)?;
         let logits = self.fc.forward(&z)?.reshape((t, n, ()))?;
         candle_nn::ops::log_softmax(&logits, 2)
     }

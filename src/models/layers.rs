@@ -3,8 +3,7 @@
 
 use super::builder::{Builder, Init};
 use super::conv::{self, ConvParams};
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::BatchNorm;
+use candle_core::{Module, Result, Tensor};
 
 /// 2-D convolution, weight [out, in, kh, kw], and a bias when `bias` says how to initialise one.
 /// Runs on our own convolution (`conv`), whose three passes are GEMMs on every device.
@@ -58,16 +57,6 @@ impl Module for Conv2d {
     }
 }
 
-/// PyTorch's BatchNorm2d: weight 1, bias 0, running mean 0, running var 1, eps 1e-5, momentum 0.1.
-/// The running statistics are vars in the var map (saved in checkpoints) but never parameters.
-pub fn batch_norm(b: &Builder, n: usize) -> Result<BatchNorm> {
-    let weight = b.var("weight", n, Init::Const(1.0))?;
-    let bias = b.var("bias", n, Init::Const(0.0))?;
-    let mean = b.var("running_mean", n, Init::Const(0.0))?;
-    let var = b.var("running_var", n, Init::Const(1.0))?;
-    BatchNorm::new(n, mean, var, weight, bias, 1e-5)
-}
-
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -89,9 +78,4 @@ impl Module for Linear {
             None => Ok(y),
         }
     }
-}
-
-/// Runs a BatchNorm in training or evaluation mode.
-pub fn bn(norm: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
-    norm.forward_t(x, train)
 }

@@ -1,6 +1,8 @@
 //! Models and their parameters. A model's trainable parameters, sorted by name, define the flat
 //! gradient layout that every worker shares; BN running statistics are buffers, kept out of it.
 
+pub mod add_relu;
+pub mod batch_norm;
 pub mod builder;
 pub mod conv;
 pub mod ctc;

@@ -2,10 +2,11 @@
 //! option-A shortcuts (stride-2 subsampling plus zero channels), conv init N(0, sqrt(2 / (k*k*out))),
 //! BN weight 1 / bias 0, classifier Kaiming-normal with zero bias. About 0.27M parameters.
 
+use super::add_relu::add_relu;
+use super::batch_norm::BatchNorm;
 use super::builder::{Builder, Init};
-use super::layers::{batch_norm, bn, Conv2d, Linear};
+use super::layers::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::BatchNorm;
 
 const BLOCKS: usize = 3;
 const WIDTHS: [usize; 3] = [16, 32, 64];
@@ -28,16 +29,16 @@ impl BasicBlock {
     fn new(b: &Builder, cin: usize, cout: usize, stride: usize) -> Result<Self> {
         Ok(Self {
             conv_a: conv3x3(&b.pp("conv_a"), cin, cout, stride)?,
-            bn_a: batch_norm(&b.pp("bn_a"), cout)?,
+            bn_a: BatchNorm::new(&b.pp("bn_a"), cout)?,
             conv_b: conv3x3(&b.pp("conv_b"), cout, cout, 1)?,
-            bn_b: batch_norm(&b.pp("bn_b"), cout)?,
+            bn_b: BatchNorm::new(&b.pp("bn_b"), cout)?,
             downsample: (stride != 1 || cin != cout).then_some(cout - cin),
         })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = bn(&self.bn_a, &self.conv_a.forward(x)?, train)?.relu()?;
-        let y = bn(&self.bn_b, &self.conv_b.forward(&y)?, train)?;
+        let y = self.bn_a.forward_relu(&self.conv_a.forward(x)?, train)?;
+        let y = self.bn_b.forward_t(&self.conv_b.forward(&y)?, train)?;
         let shortcut = match self.downsample {
             None => x.clone(),
             Some(extra) => {
@@ -46,7 +47,7 @@ impl BasicBlock {
                 Tensor::cat(&[&sub, &zeros], 1)?
             }
         };
-        (shortcut + y)?.relu()
+        add_relu(&shortcut, &y)
     }
 }
 
@@ -73,7 +74,7 @@ pub struct ResNet20 {
 impl ResNet20 {
     pub fn new(b: &Builder, classes: usize) -> Result<Self> {
         let conv = conv3x3(&b.pp("conv_1_3x3"), 3, WIDTHS[0], 1)?;
-        let bn = batch_norm(&b.pp("bn_1"), WIDTHS[0])?;
+        let bn = BatchNorm::new(&b.pp("bn_1"), WIDTHS[0])?;
         let mut blocks = Vec::new();
         let mut cin = WIDTHS[0];
         for (s, &w) in WIDTHS.iter().enumerate() {
@@ -104,7 +105,7 @@ impl ResNet20 {
 
     /// Logits [N, classes] for images [N, 3, H, W].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = bn(&self.bn, &self.conv.forward(x)?, train)?.relu()?;
+        let mut y = self.bn.forward_relu(&self.conv.forward(x)?, train)?;
         for block in &self.blocks {
             y = block.forward(&y, train)?;
         }

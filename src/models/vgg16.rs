@@ -3,10 +3,10 @@
 //! between), then a 512 -> 10 linear layer `fc`. About 14.7M parameters. PyTorch's default init
 //! (uniform in +-1/sqrt(fan_in) for weights and biases), as the authors' definition leaves it.
 
+use super::batch_norm::BatchNorm;
 use super::builder::{Builder, Init};
-use super::layers::{batch_norm, bn, Conv2d, Linear};
+use super::layers::{Conv2d, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::BatchNorm;
 
 /// Output channels per conv; 0 is a 2x2 max-pool.
 const PLAN: [usize; 18] = [
@@ -41,7 +41,7 @@ impl Vgg16 {
             // PyTorch's Conv2d draws its bias from the same bound as its weight.
             let init = default_init(cin * 9);
             let conv = Conv2d::new(&f.pp(index), cin, cout, 3, 1, 1, init, Some(init))?;
-            let norm = batch_norm(&f.pp(index + 1), cout)?;
+            let norm = BatchNorm::new(&f.pp(index + 1), cout)?;
             features.push(Layer::Conv(conv, norm));
             index += 3;
             cin = cout;
@@ -55,7 +55,7 @@ impl Vgg16 {
         let mut y = x.clone();
         for layer in &self.features {
             y = match layer {
-                Layer::Conv(conv, norm) => bn(norm, &conv.forward(&y)?, train)?.relu()?,
+                Layer::Conv(conv, norm) => norm.forward_relu(&conv.forward(&y)?, train)?,
                 Layer::Pool => y.max_pool2d(2)?,
             };
         }

@@ -1,0 +1,93 @@
+//! PyTorch's BatchNorm (1d and 2d alike: the channel is dimension 1), optionally followed by a
+//! ReLU in the same op. In training on the CPU it runs as one custom op each way (`cpu`); in
+//! evaluation, and on other devices, through candle's `BatchNorm`.
+//!
+//! Parameters and buffers have PyTorch's names and initial values: weight 1, bias 0,
+//! running_mean 0, running_var 1; eps 1e-5, momentum 0.1, and the running variance is updated
+//! with the unbiased batch variance as PyTorch does. The running statistics are vars in the var
+//! map (saved in checkpoints) but never parameters.
+
+mod cpu;
+#[cfg(test)]
+mod tests;
+
+use super::builder::{Builder, Init};
+use candle_core::{DType, ModuleT, Result, Tensor, Var};
+use std::sync::{Arc, Mutex};
+
+pub use cpu::Stats;
+
+const EPS: f64 = 1e-5;
+const MOMENTUM: f64 = 0.1;
+
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    /// The same vars, for evaluation and for devices without the fused op.
+    library: candle_nn::BatchNorm,
+}
+
+impl BatchNorm {
+    pub fn new(b: &Builder, n: usize) -> Result<Self> {
+        let weight = b.var("weight", n, Init::Const(1.0))?;
+        let bias = b.var("bias", n, Init::Const(0.0))?;
+        let mean = b.var("running_mean", n, Init::Const(0.0))?;
+        let var = b.var("running_var", n, Init::Const(1.0))?;
+        let library = candle_nn::BatchNorm::new(n, mean.clone(), var.clone(), weight.clone(), bias.clone(), EPS)?;
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: Var::from_tensor(&mean)?,
+            running_var: Var::from_tensor(&var)?,
+            library,
+        })
+    }
+
+    /// Batch statistics in training (updating the running ones), running statistics otherwise.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, false)
+    }
+
+    /// `forward_t` then ReLU, fused where the op runs fused.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let fused = train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+        if !fused {
+            let y = self.library.forward_t(x, train)?;
+            return if relu { y.relu() } else { Ok(y) };
+        }
+        let stats = Arc::new(Mutex::new(None));
+        let op = cpu::Train {
+            eps: EPS,
+            relu,
+            stats: stats.clone(),
+        };
+        let dtype = x.dtype();
+        let y = x
+            .contiguous()?
+            .apply_op3(&self.weight.to_dtype(dtype)?, &self.bias.to_dtype(dtype)?, op)?;
+        let stats = stats.lock().expect("batch norm statistics").clone();
+        match stats {
+            Some(s) => self.update_running(&s)?,
+            None => candle_core::bail!("batch norm: the forward left no statistics"),
+        }
+        Ok(y)
+    }
+
+    /// running = (1 - momentum) running + momentum batch, with the batch variance unbiased.
+    fn update_running(&self, s: &Stats) -> Result<()> {
+        let m = s.count as f64;
+        let blend = |var: &Var, batch: Vec<f64>| -> Result<()> {
+            let old = var.as_tensor();
+            let batch = Tensor::from_vec(batch, old.shape(), old.device())?.to_dtype(old.dtype())?;
+            var.set(&((old * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?)
+        };
+        blend(&self.running_mean, s.mean.clone())?;
+        blend(&self.running_var, s.var.iter().map(|v| v * m / (m - 1.0)).collect())
+    }
+}
