@@ -257,7 +257,7 @@ mod tests {
 
     /// PyTorch's nn.LSTM (2 layers, random weights, b_ih != b_hh, a random initial state):
     /// outputs, final state and the gradients of every weight, both biases and the input agree.
-    /// The fixture is written by scripts/lstm-torch-fixture.sh.
+    /// The fixture is written by scripts/torch-fixtures.sh.
     #[test]
     fn matches_pytorch_outputs_and_gradients() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lstm_torch.safetensors");
