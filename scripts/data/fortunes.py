@@ -26,6 +26,7 @@ import re
 import sys
 import unicodedata
 
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import die, key, write_sums  # noqa: E402
 

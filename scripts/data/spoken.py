@@ -35,6 +35,7 @@ import sys
 import tempfile
 import wave
 
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Rng, die, write_sums  # noqa: E402
 
