@@ -118,7 +118,8 @@ case "$what" in
   spoken)
     need_python
     missing=()
-    command -v "${ESPEAK:-espeak-ng}" >/dev/null || missing+=(espeak-ng)
+    espeak=${ESPEAK:-espeak-ng}
+    command -v "${espeak%% *}" >/dev/null || missing+=(espeak-ng)
     command -v sox >/dev/null || missing+=(sox)
     if [ ${#missing[@]} -gt 0 ]; then
       if [ "${missing[*]}" = sox ] && [ "$(id -u)" != 0 ]; then
