@@ -1,8 +1,10 @@
+# shellcheck shell=bash
 # Shared by scripts/reproduce-fig1.sh and reproduce-fig2.sh (sourced, not run).
 #
 # Parses [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR], picks the binary
 # ($GTOPK, else `cargo run --release`), and maps each workload to its config: the paper's config
-# when its data is under data/ (scripts/get-data.sh), else a synthetic stand-in.
+# when its data is under data/ (scripts/get-data.sh cifar10|ptb|an4), else the config of its real
+# stand-in when that is there (scripts/get-data.sh digits|fortunes|spoken), else a synthetic one.
 
 usage() {
     sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
@@ -38,24 +40,35 @@ else
     gtopk() { cargo run --release --quiet -- "$@"; }
 fi
 
-# Sets `config` and `sets` (extra --set arguments) for workload $1.
+# Sets `config` and `sets` (extra --set arguments) for workload $1. The first that is there wins:
+# the paper's data set under data/ (scripts/get-data.sh cifar10|ptb|an4), else its real stand-in
+# (scripts/get-data.sh digits|fortunes|spoken: data/digits, data/fortunes, data/spoken), else the
+# synthetic stand-in generated from the seed.
 pick_config() {
     sets=()
     case "$1" in
         resnet20|vgg16)
             if [ -f data/cifar-10-batches-bin/data_batch_1.bin ]; then
                 config=configs/$1.toml
+            elif [ -f data/digits/data_batch_1.bin ]; then
+                config=configs/resnet20_digits.toml
+                [ "$1" = vgg16 ] && sets+=(--set model.arch=vgg16)
             else
                 config=configs/quickstart.toml
                 # VGG-16's five poolings need CIFAR's 32x32 shape.
                 [ "$1" = vgg16 ] && sets+=(--set model.arch=vgg16 --set data.synthetic_side=32)
             fi ;;
         lstm-ptb)
-            if [ -d data/ptb ]; then config=configs/lstm_ptb.toml; else config=configs/lstm_ptb_synthetic.toml; fi ;;
+            if [ -d data/ptb ]; then config=configs/lstm_ptb.toml
+            elif [ -f data/fortunes/ptb.train.txt ]; then config=configs/lstm_ptb_fortunes.toml
+            else config=configs/lstm_ptb_synthetic.toml; fi ;;
         lstm-an4)
-            if [ -d data/an4 ]; then config=configs/lstm_an4.toml; else config=configs/lstm_an4_synthetic.toml; fi ;;
+            if [ -d data/an4 ]; then config=configs/lstm_an4.toml
+            elif [ -f data/spoken/an4_train_manifest.csv ]; then config=configs/lstm_an4_spoken.toml
+            else config=configs/lstm_an4_synthetic.toml; fi ;;
         *) echo "error: --workloads: unknown workload $1 (resnet20, vgg16, lstm-ptb, lstm-an4)" >&2; exit 2 ;;
     esac
+    echo "== $1: $config ${sets[*]}" >&2
     [ -n "$steps" ] && sets+=(--set "train.max_steps=$steps")
     sets+=(--set dist.workers=4 --set "sparse.delta_every=$delta_every")
 }

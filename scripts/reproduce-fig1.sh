@@ -3,13 +3,15 @@
 # 4 workers, density 0.001, per workload; then one SVG per workload.
 #
 # Usage: scripts/reproduce-fig1.sh [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
-#   --quick          only resnet20 (synthetic 16x16 unless CIFAR-10 is in data/), delta every 4 steps
+#   --quick          only resnet20 (on CIFAR-10, else the digits, else synthetic 16x16), delta every 4 steps
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
 #   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
 #   OUT_DIR          default runs/fig1; finished runs in it are kept, not repeated
-# The binary is $GTOPK if set, else `cargo run --release`. Workloads whose data is not under data/
-# (scripts/get-data.sh) run their synthetic stand-in config.
+# The binary is $GTOPK if set, else `cargo run --release`.
+# Data, the first that is under data/: the paper's set (scripts/get-data.sh cifar10|ptb|an4), else a
+# real stand-in a fresh machine can make (scripts/get-data.sh digits|fortunes|spoken: configs/
+# resnet20_digits.toml, lstm_ptb_fortunes.toml, lstm_an4_spoken.toml), else synthetic data.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
