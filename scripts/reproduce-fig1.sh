@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The paper's Fig. 1: delta (Assumption 1) and training loss of gTop-k S-SGD against dense S-SGD,
-# 4 workers, density 0.001, per workload; then one SVG per workload.
+# 4 workers, density 0.001 after the authors' warm-up (0.004 in epoch 0: sparse.density = "authors"),
+# per workload; then one SVG per workload.
 #
 # Usage: scripts/reproduce-fig1.sh [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
 #   --quick          only resnet20 (on CIFAR-10, else the digits, else synthetic 16x16), delta every 4 steps
@@ -23,6 +24,6 @@ IFS=, read -ra list <<< "$workloads"
 for w in "${list[@]}"; do
     pick_config "$w"
     train "$w-dense" "$config" "${sets[@]}" --set sparse.method=dense
-    train "$w-gtopk" "$config" "${sets[@]}" --set sparse.method=gtopk --set sparse.density=0.001
+    train "$w-gtopk" "$config" "${sets[@]}" --set sparse.method=gtopk --set sparse.density=authors
     gtopk plot "$out/$w-dense" "$out/$w-gtopk" --out "$out/fig1-$w.svg" --metrics loss,delta
 done

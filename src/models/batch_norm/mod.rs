@@ -20,12 +20,8 @@ pub use cpu::Stats;
 const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
+/// candle's BatchNorm holds the vars; it also runs evaluation and devices without the fused op.
 pub struct BatchNorm {
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Var,
-    running_var: Var,
-    /// The same vars, for evaluation and for devices without the fused op.
     library: candle_nn::BatchNorm,
 }
 
@@ -35,13 +31,8 @@ impl BatchNorm {
         let bias = b.var("bias", n, Init::Const(0.0))?;
         let mean = b.var("running_mean", n, Init::Const(0.0))?;
         let var = b.var("running_var", n, Init::Const(1.0))?;
-        let library = candle_nn::BatchNorm::new(n, mean.clone(), var.clone(), weight.clone(), bias.clone(), EPS)?;
         Ok(Self {
-            weight,
-            bias,
-            running_mean: Var::from_tensor(&mean)?,
-            running_var: Var::from_tensor(&var)?,
-            library,
+            library: candle_nn::BatchNorm::new(n, mean, var, weight, bias, EPS)?,
         })
     }
 
@@ -67,10 +58,11 @@ impl BatchNorm {
             relu,
             stats: stats.clone(),
         };
+        let Some((weight, bias)) = self.library.weight_and_bias() else {
+            candle_core::bail!("batch norm: built without weight and bias");
+        };
         let dtype = x.dtype();
-        let y = x
-            .contiguous()?
-            .apply_op3(&self.weight.to_dtype(dtype)?, &self.bias.to_dtype(dtype)?, op)?;
+        let y = x.contiguous()?.apply_op3(&weight.to_dtype(dtype)?, &bias.to_dtype(dtype)?, op)?;
         let stats = stats.lock().expect("batch norm statistics").clone();
         match stats {
             Some(s) => self.update_running(&s)?,
@@ -82,12 +74,14 @@ impl BatchNorm {
     /// running = (1 - momentum) running + momentum batch, with the batch variance unbiased.
     fn update_running(&self, s: &Stats) -> Result<()> {
         let m = s.count as f64;
-        let blend = |var: &Var, batch: Vec<f64>| -> Result<()> {
+        // The library's running statistics are vars: these share their storage.
+        let blend = |running: &Tensor, batch: Vec<f64>| -> Result<()> {
+            let var = Var::from_tensor(running)?;
             let old = var.as_tensor();
             let batch = Tensor::from_vec(batch, old.shape(), old.device())?.to_dtype(old.dtype())?;
             var.set(&((old * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?)
         };
-        blend(&self.running_mean, s.mean.clone())?;
-        blend(&self.running_var, s.var.iter().map(|v| v * m / (m - 1.0)).collect())
+        blend(self.library.running_mean(), s.mean.clone())?;
+        blend(self.library.running_var(), s.var.iter().map(|v| v * m / (m - 1.0)).collect())
     }
 }
