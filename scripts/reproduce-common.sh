@@ -85,3 +85,14 @@ train() {
     gtopk train "$@" --run-dir "$out/$name" --plain > "$out/$name.summary.json"
     cat "$out/$name.summary.json"
 }
+
+# figure OUT.svg RUN_DIR... [plot options]: the SVG, and a PNG beside it where rsvg-convert is
+# installed (Debian: librsvg2-bin).
+figure() {
+    local svg=$1; shift
+    gtopk plot "$@" --out "$svg"
+    if command -v rsvg-convert >/dev/null; then
+        rsvg-convert -w 1200 -b white "$svg" -o "${svg%.svg}.png"
+    fi
+}
+

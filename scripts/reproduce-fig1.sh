@@ -25,5 +25,5 @@ for w in "${list[@]}"; do
     pick_config "$w"
     train "$w-dense" "$config" "${sets[@]}" --set sparse.method=dense
     train "$w-gtopk" "$config" "${sets[@]}" --set sparse.method=gtopk --set sparse.density=authors
-    gtopk plot "$out/$w-dense" "$out/$w-gtopk" --out "$out/fig1-$w.svg" --metrics loss,delta
+    figure "$out/fig1-$w.svg" "$out/$w-dense" "$out/$w-gtopk" --metrics loss,delta
 done

@@ -30,5 +30,5 @@ for w in "${list[@]}"; do
         train "$w-c$c" "$config" "${sets[@]}" --set sparse.method=gtopk --set "sparse.density=$density"
         dirs+=("$out/$w-c$c")
     done
-    gtopk plot "${dirs[@]}" --out "$out/fig2-$w.svg" --metrics loss,accuracy,delta
+    figure "$out/fig2-$w.svg" "${dirs[@]}" --metrics loss,accuracy,delta
 done
