@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Shared by scripts/reproduce-fig1.sh and reproduce-fig2.sh (sourced, not run).
 #
-# Parses [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR], picks the binary
+# Parses [--quick] [--full] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR], picks the binary
 # ($GTOPK, else `cargo run --release`), and maps each workload to its config: the paper's config
 # when its data is under data/ (scripts/get-data.sh cifar10|ptb|an4), else the config of its real
 # stand-in when that is there (scripts/get-data.sh digits|fortunes|spoken), else a synthetic one.
@@ -11,6 +11,7 @@ usage() {
 }
 
 quick=0
+full=0
 steps=""
 workloads=""
 delta_every=""
@@ -18,6 +19,7 @@ out=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
+        --full) full=1 ;;
         --steps) steps=$2; shift ;;
         --workloads) workloads=$2; shift ;;
         --delta-every) delta_every=$2; shift ;;
@@ -69,6 +71,16 @@ pick_config() {
         *) echo "error: --workloads: unknown workload $1 (resnet20, vgg16, lstm-ptb, lstm-an4)" >&2; exit 2 ;;
     esac
     echo "== $1: $config ${sets[*]}" >&2
+    # --full: the paper's epochs on the stand-ins, whose configs are sized to fit an hour.
+    if [ "$full" = 1 ]; then
+        case "$config" in
+            configs/resnet20_digits.toml)
+                sets+=(--set train.epochs=140 --set train.warmup_epochs=10 --set 'train.lr_decay_epochs=[81,122]') ;;
+            configs/lstm_ptb_fortunes.toml) sets+=(--set train.epochs=40) ;;
+            configs/lstm_an4_spoken.toml) sets+=(--set train.epochs=80) ;;
+            *) echo "== $1: --full changes nothing ($config is already the full run or synthetic)" ;;
+        esac
+    fi
     [ -n "$steps" ] && sets+=(--set "train.max_steps=$steps")
     sets+=(--set dist.workers=4 --set "sparse.delta_every=$delta_every")
 }

@@ -3,8 +3,10 @@
 # (density 1/c, fixed for the whole run), 4 workers, per workload; then one SVG per workload with
 # training loss, accuracy and delta.
 #
-# Usage: scripts/reproduce-fig2.sh [--quick] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
+# Usage: scripts/reproduce-fig2.sh [--quick] [--full] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
 #   --quick          only resnet20 (on CIFAR-10, else the digits, else synthetic 16x16), delta every 4 steps
+#   --full           the paper's epochs on the stand-ins (digits: 140, with its warm-up and decays;
+#                    fortunes: 40; spoken: 80) instead of their configs' hour-sized runs
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
 #   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
