@@ -62,7 +62,9 @@ impl BatchNorm {
             candle_core::bail!("batch norm: built without weight and bias");
         };
         let dtype = x.dtype();
-        let y = x.contiguous()?.apply_op3(&weight.to_dtype(dtype)?, &bias.to_dtype(dtype)?, op)?;
+        let y = x
+            .contiguous()?
+            .apply_op3(&weight.to_dtype(dtype)?, &bias.to_dtype(dtype)?, op)?;
         let stats = stats.lock().expect("batch norm statistics").clone();
         match stats {
             Some(s) => self.update_running(&s)?,
@@ -82,6 +84,9 @@ impl BatchNorm {
             var.set(&((old * (1.0 - MOMENTUM))? + (batch * MOMENTUM)?)?)
         };
         blend(self.library.running_mean(), s.mean.clone())?;
-        blend(self.library.running_var(), s.var.iter().map(|v| v * m / (m - 1.0)).collect())
+        blend(
+            self.library.running_var(),
+            s.var.iter().map(|v| v * m / (m - 1.0)).collect(),
+        )
     }
 }
