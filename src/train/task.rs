@@ -158,6 +158,11 @@ impl std::ops::AddAssign for Stats {
 
 const EVAL_BATCH: usize = 250;
 
+/// At most this many logits in one evaluation forward of the language model: a batch of 250
+/// windows of 35 tokens over a 10,000-word vocabulary would be 87.5M (350 MB, and several copies
+/// of it through the softmax) per worker.
+const EVAL_LOGITS: usize = 1 << 23;
+
 pub struct ImageTask {
     data: Arc<Splits>,
     augment: bool,
@@ -239,6 +244,11 @@ impl TextTask {
         ))
     }
 
+    /// Windows (or stream columns) per evaluation forward: EVAL_BATCH, fewer for a large vocabulary.
+    fn eval_chunk(&self) -> usize {
+        (EVAL_LOGITS / (self.seq_len * self.corpus.vocab.len()).max(1)).clamp(1, EVAL_BATCH)
+    }
+
     /// word_language_model's `batchify`: the test stream trimmed to `columns` equal columns;
     /// column j is tokens[j n .. (j + 1) n]. Returns n.
     fn column_len(&self) -> usize {
@@ -260,7 +270,7 @@ impl TextTask {
             );
         }
         let mut s = Stats::default();
-        for chunk in cols.chunks(EVAL_BATCH) {
+        for chunk in cols.chunks(self.eval_chunk()) {
             let b = chunk.len();
             let mut state = lm.zero_state(b, dev)?;
             let mut i = 0;
@@ -333,7 +343,7 @@ impl Task for TextTask {
         }
         let lm = Self::lm(model)?;
         let mut s = Stats::default();
-        for chunk in idx.chunks(EVAL_BATCH) {
+        for chunk in idx.chunks(self.eval_chunk()) {
             let (x, y) = self.batch(Split::Test, chunk, model.device())?;
             let (logits, _) = lm.forward(&x, &lm.zero_state(chunk.len(), model.device())?, None)?;
             s += scored(&logits, &y)?.1;
