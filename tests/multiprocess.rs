@@ -207,22 +207,27 @@ fn a_stalled_rank_ends_the_job_within_the_timeout() {
         eprintln!("rank {r}: {}", err.lines().last().unwrap_or(""));
     }
     eprintln!("rank 2 (stalled, woken): {}", err2.lines().last().unwrap_or(""));
-    for (r, (code, err)) in out.iter().enumerate() {
+    for (r, (code, _)) in out.iter().enumerate() {
         assert_ne!(*code, 0, "rank {r} should fail");
-        // Rank 0 times out waiting for rank 2; rank 1, waiting on rank 0 for rank 2's piece, either
-        // times out too or sees rank 0 exit first, whichever comes first.
-        assert!(
-            err.contains("rank 2") && (err.contains("dist.timeout") || err.contains("rank 0 is gone")),
-            "rank {r}: {err}"
-        );
     }
+    // Rank 0 times out waiting for rank 2 and names it. Rank 1, waiting on rank 0 for rank 2's
+    // piece, either times out too (naming rank 2) or sees rank 0 exit first, whichever comes
+    // first: under load either happens.
+    let timed_out = |err: &str| err.contains("rank 2") && err.contains("dist.timeout");
     assert!(
-        out[0].1.contains("rank 2"),
+        timed_out(&out[0].1),
         "rank 0 does not name the stalled rank: {}",
         out[0].1
     );
     assert!(
-        took < Duration::from_secs(12),
+        timed_out(&out[1].1) || out[1].1.contains("rank 0 is gone"),
+        "rank 1: {}",
+        out[1].1
+    );
+    // A hang would run into finish's 30 s; dist.timeout (3 s) plus teardown stays well below
+    // 25 s even on a loaded machine (12 s was exceeded under a parallel build).
+    assert!(
+        took < Duration::from_secs(25),
         "the live ranks took {took:?} with dist.timeout = 3"
     );
     assert!(
