@@ -31,10 +31,7 @@ fn elementwise<T: Copy + Send + Sync + Default>(a: &[T], b: &[T], f: impl Fn(T, 
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("add_relu: operand not contiguous"),
-    }
+    crate::models::cpu_slice::contiguous(v, l, "add_relu", "operand")
 }
 
 /// Applies `f` to two same-shaped contiguous f32 or f64 operands.

@@ -5,6 +5,7 @@ pub mod add_relu;
 pub mod batch_norm;
 pub mod builder;
 pub mod conv;
+mod cpu_slice;
 pub mod ctc;
 pub mod deepspeech;
 pub mod dropout;

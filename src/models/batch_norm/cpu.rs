@@ -256,10 +256,7 @@ fn backward<T: Float>(d: Dims, x: &[T], dy: &[T], y: &[T], w: &[f64], stats: &St
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("batch norm: the {what} is not contiguous"),
-    }
+    crate::models::cpu_slice::contiguous(v, l, "batch norm", what)
 }
 
 fn per_channel<'a, T>(v: &'a [T], l: &Layout, d: Dims, what: &str) -> Result<&'a [T]> {

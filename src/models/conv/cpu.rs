@@ -180,10 +180,7 @@ trait Pass {
 }
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("conv2d: the {what} is not contiguous"),
-    }
+    crate::models::cpu_slice::contiguous(v, l, "conv2d", what)
 }
 
 fn apply(
