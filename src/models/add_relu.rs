@@ -31,7 +31,7 @@ fn elementwise<T: Copy + Send + Sync + Default>(a: &[T], b: &[T], f: impl Fn(T, 
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    crate::models::cpu_slice::contiguous(v, l, "add_relu", "operand")
+    crate::models::cpu_buffers::contiguous(v, l, "add_relu", "operand")
 }
 
 /// Applies `f` to two same-shaped contiguous f32 or f64 operands.

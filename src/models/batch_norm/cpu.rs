@@ -26,6 +26,7 @@ pub struct Stats {
 /// The float types the op runs on.
 pub trait Float:
     Copy
+    + Default
     + Send
     + Sync
     + 'static
@@ -59,7 +60,7 @@ float!(f64);
 
 /// The [N, C, S] reading of a tensor's dimensions.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
+pub(in crate::models) struct Dims {
     n: usize,
     c: usize,
     s: usize,
@@ -69,7 +70,7 @@ struct Dims {
 const GROUP_VALUES: usize = 1 << 14;
 
 impl Dims {
-    fn of(dims: &[usize]) -> Result<Self> {
+    pub(in crate::models) fn of(dims: &[usize]) -> Result<Self> {
         if dims.len() < 2 {
             bail!("batch norm: input of shape {dims:?}, expected at least [N, C]");
         }
@@ -91,7 +92,7 @@ impl Dims {
         self.c * self.s
     }
 
-    fn len(&self) -> usize {
+    pub(in crate::models) fn len(&self) -> usize {
         self.n * self.row()
     }
 
@@ -152,22 +153,18 @@ fn lane_sums(n: usize, f: impl Fn(usize) -> (f64, f64)) -> (f64, f64) {
 }
 
 /// A fresh tensor whose block of each (sample, channel) is written by `f(channel, range, block)`,
-/// groups of samples in parallel.
-fn map_blocks<T: Float>(d: Dims, f: impl Fn(usize, Range<usize>, &mut [T]) + Sync) -> Vec<T> {
-    let mut out = vec![T::from_f64(0.0); d.len()];
+/// groups of samples in parallel, with room for `spare` more values.
+fn map_blocks<T: Float>(d: Dims, spare: usize, f: impl Fn(usize, Range<usize>, &mut [T]) + Sync) -> Vec<T> {
     let rows_per_task = (GROUP_VALUES / d.row().max(1)).max(1);
-    out.par_chunks_mut(d.row() * rows_per_task)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (r, row) in chunk.chunks_mut(d.row()).enumerate() {
-                let row_start = (task * rows_per_task + r) * d.row();
-                for (c, block) in row.chunks_mut(d.s).enumerate() {
-                    let start = row_start + c * d.s;
-                    f(c, start..start + d.s, block);
-                }
+    crate::models::cpu_buffers::filled(d.len(), spare, d.row() * rows_per_task, |task, chunk| {
+        for (r, row) in chunk.chunks_mut(d.row()).enumerate() {
+            let row_start = (task * rows_per_task + r) * d.row();
+            for (c, block) in row.chunks_mut(d.s).enumerate() {
+                let start = row_start + c * d.s;
+                f(c, start..start + d.s, block);
             }
-        });
-    out
+        }
+    })
 }
 
 fn statistics<T: Float>(d: Dims, x: &[T]) -> Stats {
@@ -200,12 +197,19 @@ fn inv_std(stats: &Stats, eps: f64) -> Vec<f64> {
 
 /// y = (x - mean) / sqrt(var + eps) * weight + bias, then max(y, 0) if `relu`; the statistics in
 /// f64, the output in the tensor's type.
-fn forward<T: Float>(d: Dims, x: &[T], w: &[T], b: &[T], eps: f64, relu: bool) -> (Vec<T>, Stats) {
+pub(in crate::models) fn forward<T: Float>(
+    d: Dims,
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    eps: f64,
+    relu: bool,
+) -> (Vec<T>, Stats) {
     let stats = statistics(d, x);
     let inv = inv_std(&stats, eps);
     let mean: Vec<T> = stats.mean.iter().map(|&m| T::from_f64(m)).collect();
     let scale: Vec<T> = (0..d.c).map(|c| T::from_f64(w[c].to_f64() * inv[c])).collect();
-    let y = map_blocks(d, |c, r, out| {
+    let y = map_blocks(d, 0, |c, r, out| {
         let (m, k, beta) = (mean[c], scale[c], b[c]);
         for (o, &v) in out.iter_mut().zip(&x[r]) {
             let v = (v - m) * k + beta;
@@ -221,11 +225,22 @@ fn forward<T: Float>(d: Dims, x: &[T], w: &[T], b: &[T], eps: f64, relu: bool) -
 /// With g the output gradient and xhat = (x - mean) inv_std: dbias = sum g, dweight = sum g xhat,
 /// dx = weight inv_std (g - dbias / M - xhat dweight / M), which is a g + b x + e per channel.
 #[allow(clippy::too_many_arguments)]
-fn backward<T: Float>(d: Dims, x: &[T], dy: &[T], y: &[T], w: &[f64], stats: &Stats, eps: f64, relu: bool) -> Vec<T> {
+pub(in crate::models) fn backward<T: Float>(
+    d: Dims,
+    x: &[T],
+    dy: &[T],
+    y: &[T],
+    w: &[f64],
+    stats: &Stats,
+    eps: f64,
+    relu: bool,
+) -> Vec<T> {
     let inv = inv_std(stats, eps);
     let pass = |yv: T| !relu || yv.to_f64() > 0.0;
     let sums = channel_sums(d, |c, r| {
         let (xs, gs, ys, mean) = (&x[r.clone()], &dy[r.clone()], &y[r], stats.mean[c]);
+        // The same length as xs, so that the compiler drops the bounds checks and vectorises.
+        let (gs, ys) = (&gs[..xs.len()], &ys[..xs.len()]);
         lane_sums(xs.len(), |j| {
             let g = if pass(ys[j]) { gs[j].to_f64() } else { 0.0 };
             (g, g * (xs[j].to_f64() - mean))
@@ -243,7 +258,8 @@ fn backward<T: Float>(d: Dims, x: &[T], dy: &[T], y: &[T], w: &[f64], stats: &St
             (db, dw, [T::from_f64(a), T::from_f64(b), T::from_f64(e)])
         })
         .collect();
-    let mut out = map_blocks(d, |c, r, out| {
+    // Room for dweight and dbias, so that appending them does not copy dx.
+    let mut out = map_blocks(d, 2 * d.c, |c, r, out| {
         let [a, b, e] = coef[c].2;
         for (((o, &xv), &gv), &yv) in out.iter_mut().zip(&x[r.clone()]).zip(&dy[r.clone()]).zip(&y[r]) {
             let g = if pass(yv) { gv } else { T::from_f64(0.0) };
@@ -256,7 +272,7 @@ fn backward<T: Float>(d: Dims, x: &[T], dy: &[T], y: &[T], w: &[f64], stats: &St
 }
 
 fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    crate::models::cpu_slice::contiguous(v, l, "batch norm", what)
+    crate::models::cpu_buffers::contiguous(v, l, "batch norm", what)
 }
 
 fn per_channel<'a, T>(v: &'a [T], l: &Layout, d: Dims, what: &str) -> Result<&'a [T]> {

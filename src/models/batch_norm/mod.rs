@@ -16,8 +16,9 @@ use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use std::sync::{Arc, Mutex};
 
 pub use cpu::Stats;
+pub(in crate::models) use cpu::{backward as cpu_backward, forward as cpu_forward, Dims, Float};
 
-const EPS: f64 = 1e-5;
+pub(in crate::models) const EPS: f64 = 1e-5;
 const MOMENTUM: f64 = 0.1;
 
 /// candle's BatchNorm holds the vars; it also runs evaluation and devices without the fused op.
@@ -46,9 +47,21 @@ impl BatchNorm {
         self.run(x, train, true)
     }
 
+    /// Whether training on `x` runs as a fused CPU op.
+    pub(in crate::models) fn fuses(x: &Tensor, train: bool) -> bool {
+        train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    }
+
+    /// The weight and bias, in `dtype`.
+    pub(in crate::models) fn affine(&self, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let Some((weight, bias)) = self.library.weight_and_bias() else {
+            candle_core::bail!("batch norm: built without weight and bias");
+        };
+        Ok((weight.to_dtype(dtype)?, bias.to_dtype(dtype)?))
+    }
+
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let fused = train && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-        if !fused {
+        if !Self::fuses(x, train) {
             let y = self.library.forward_t(x, train)?;
             return if relu { y.relu() } else { Ok(y) };
         }
@@ -58,23 +71,18 @@ impl BatchNorm {
             relu,
             stats: stats.clone(),
         };
-        let Some((weight, bias)) = self.library.weight_and_bias() else {
-            candle_core::bail!("batch norm: built without weight and bias");
-        };
-        let dtype = x.dtype();
-        let y = x
-            .contiguous()?
-            .apply_op3(&weight.to_dtype(dtype)?, &bias.to_dtype(dtype)?, op)?;
-        let stats = stats.lock().expect("batch norm statistics").clone();
-        match stats {
-            Some(s) => self.update_running(&s)?,
-            None => candle_core::bail!("batch norm: the forward left no statistics"),
-        }
+        let (weight, bias) = self.affine(x.dtype())?;
+        let y = x.contiguous()?.apply_op3(&weight, &bias, op)?;
+        self.update_running(stats.lock().expect("batch norm statistics").as_ref())?;
         Ok(y)
     }
 
-    /// running = (1 - momentum) running + momentum batch, with the batch variance unbiased.
-    fn update_running(&self, s: &Stats) -> Result<()> {
+    /// running = (1 - momentum) running + momentum batch, with the batch variance unbiased; the
+    /// statistics are those a fused forward left.
+    pub(in crate::models) fn update_running(&self, s: Option<&Stats>) -> Result<()> {
+        let Some(s) = s else {
+            candle_core::bail!("batch norm: the forward left no statistics");
+        };
         let m = s.count as f64;
         // The library's running statistics are vars: these share their storage.
         let blend = |running: &Tensor, batch: Vec<f64>| -> Result<()> {

@@ -1,11 +1,12 @@
 //! The CPU convolution: three GEMM passes over im2col matrices, hooked into candle's autograd as
 //! custom ops (the forward's `bwd` runs the two gradient ops).
 //!
-//! Per sample, with col = im2col(x) [CK, L] and W as [O, CK]:
-//! forward y = W col; input gradient dx = col2im(W^T dy); weight gradient dW = sum over the
-//! batch of dy col^T. Samples run in parallel on the current rayon pool (a worker's own pool in
-//! training, `RAYON_NUM_THREADS` threads otherwise), each GEMM single-threaded; a batch of one
-//! hands the pool to the GEMM instead.
+//! Per group of samples, with col = their im2col matrices side by side [CK, m L], dy as [O, m L]
+//! and W as [O, CK]: forward y = W col; input gradient dx = col2im(W^T dy); weight gradient
+//! dW = sum over the groups of dy col^T. A group holds one sample where OH*OW is large and more
+//! where it is small, so that every GEMM has at least `MIN_COLUMNS` columns. Groups run in
+//! parallel on the current rayon pool (a worker's own pool in training, `RAYON_NUM_THREADS`
+//! threads otherwise), each GEMM single-threaded; a single group hands the pool to its GEMM.
 
 use super::geometry::{ConvParams, Geometry};
 use super::im2col::{col2im, im2col};
@@ -95,68 +96,153 @@ fn gemm_into<T: Elem>(
     }
 }
 
-/// GEMM threading for one sample's product when the samples themselves do not fill the pool.
-fn inner_parallelism(parallel_samples: usize) -> Parallelism {
+/// Columns a GEMM should have at least: below this the `gemm` crate's microkernels starve (a
+/// VGG-16 layer at 2x2 has 4 columns a sample) and a weight gradient accumulated sample by sample
+/// rereads the whole [O, CK] sum for a product of depth OH*OW.
+const MIN_COLUMNS: usize = 512;
+
+/// Samples that share one GEMM: their column matrices side by side, [CK, size * L].
+#[derive(Clone, Copy)]
+struct Groups {
+    size: usize,
+    count: usize,
+}
+
+impl Groups {
+    fn of(g: &Geometry) -> Self {
+        let size = MIN_COLUMNS.div_ceil(g.l().max(1)).clamp(1, g.n.max(1));
+        Self {
+            size,
+            count: g.n.div_ceil(size),
+        }
+    }
+
+    /// The samples of group `i`.
+    fn samples(&self, i: usize, n: usize) -> std::ops::Range<usize> {
+        i * self.size..((i + 1) * self.size).min(n)
+    }
+}
+
+/// GEMM threading when the groups themselves do not fill the pool.
+fn inner_parallelism(parallel_groups: usize) -> Parallelism {
     let t = rayon::current_num_threads();
-    if parallel_samples == 1 && t > 1 {
+    if parallel_groups == 1 && t > 1 {
         Parallelism::Rayon(t)
     } else {
         Parallelism::None
     }
 }
 
-/// Runs `f(sample, its slice of out, gemm threading)` for every sample, in parallel.
-fn for_each_sample<T: Elem>(out: &mut [T], n: usize, f: impl Fn(usize, &mut [T], Parallelism) + Sync) {
-    let per = out.len() / n.max(1);
-    if n == 1 {
-        f(0, out, inner_parallelism(1));
+/// A fresh output of `per` values a sample, each group's slice (zeroed) written by
+/// `f(first sample, slice, gemm threading)`, the groups in parallel.
+fn per_group<T: Elem>(n: usize, per: usize, groups: Groups, f: impl Fn(usize, &mut [T], Parallelism) + Sync) -> Vec<T> {
+    let par = if groups.count <= 1 {
+        inner_parallelism(1)
     } else {
-        out.par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(i, o)| f(i, o, Parallelism::None));
+        Parallelism::None
+    };
+    crate::models::cpu_buffers::filled(n * per, 0, per * groups.size, |i, out| f(i * groups.size, out, par))
+}
+
+/// `src` [a, b, inner] into `dst` [b, a, inner]: between a group's per-sample layout [m, O, L]
+/// and its GEMM's [O, m * L].
+fn swap_outer<T: Copy>(src: &[T], (a, b, inner): (usize, usize, usize), dst: &mut [T]) {
+    for i in 0..a {
+        for j in 0..b {
+            dst[(j * a + i) * inner..][..inner].copy_from_slice(&src[(i * b + j) * inner..][..inner]);
+        }
     }
 }
 
-fn forward<T: Elem>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
-    let (ck, l, xl) = (g.ck(), g.l(), g.input_len());
-    let mut y = vec![T::ZERO; g.n * g.o * l];
-    for_each_sample(&mut y, g.n, |i, y_i, par| {
-        T::with_workspace(ck * l, |col| {
-            im2col(g, &x[i * xl..(i + 1) * xl], col);
-            gemm_into((g.o, l, ck), y_i, false, Mat::rows(w, ck), Mat::rows(col, l), par);
+pub(in crate::models) fn forward<T: Elem>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
+    let (ck, l, xl, ol) = (g.ck(), g.l(), g.input_len(), g.o * g.l());
+    let groups = Groups::of(g);
+    per_group(g.n, ol, groups, |first, y_g, par| {
+        let m = y_g.len() / ol;
+        let cols = m * l;
+        T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+            let (col, tmp) = ws.split_at_mut(ck * cols);
+            for j in 0..m {
+                let i = first + j;
+                im2col(g, &x[i * xl..(i + 1) * xl], &mut col[j * l..], cols);
+            }
+            if m == 1 {
+                gemm_into((g.o, l, ck), y_g, false, Mat::rows(w, ck), Mat::rows(col, l), par);
+            } else {
+                gemm_into((g.o, cols, ck), tmp, false, Mat::rows(w, ck), Mat::rows(col, cols), par);
+                swap_outer(tmp, (g.o, m, l), y_g);
+            }
         })
-    });
-    y
+    })
 }
 
-fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
-    let (ck, l, ol) = (g.ck(), g.l(), g.o * g.l());
-    let mut dx = vec![T::ZERO; g.n * g.input_len()];
-    for_each_sample(&mut dx, g.n, |i, dx_i, par| {
-        T::with_workspace(ck * l, |dcol| {
-            let dy_i = Mat::rows(&dy[i * ol..(i + 1) * ol], l);
-            gemm_into((ck, l, g.o), dcol, false, Mat::transposed(w, ck), dy_i, par);
-            col2im(g, dcol, dx_i);
+pub(in crate::models) fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
+    let (ck, l, xl, ol) = (g.ck(), g.l(), g.input_len(), g.o * g.l());
+    let groups = Groups::of(g);
+    per_group(g.n, xl, groups, |first, dx_g, par| {
+        let m = dx_g.len() / xl;
+        let cols = m * l;
+        let dy_g = &dy[first * ol..(first + m) * ol];
+        T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+            let (dcol, tmp) = ws.split_at_mut(ck * cols);
+            let dy_m = if m == 1 {
+                dy_g
+            } else {
+                swap_outer(dy_g, (m, g.o, l), tmp);
+                &*tmp
+            };
+            gemm_into(
+                (ck, cols, g.o),
+                dcol,
+                false,
+                Mat::transposed(w, ck),
+                Mat::rows(dy_m, cols),
+                par,
+            );
+            for j in 0..m {
+                col2im(g, &dcol[j * l..], &mut dx_g[j * xl..(j + 1) * xl], cols);
+            }
         })
-    });
-    dx
+    })
 }
 
-fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
+pub(in crate::models) fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (ck, l, ol, xl) = (g.ck(), g.l(), g.o * g.l(), g.input_len());
-    // One partial sum per thread, over a contiguous run of samples, added up at the end.
-    let chunks = g.n.min(rayon::current_num_threads()).max(1);
-    let per = g.n.div_ceil(chunks);
+    let groups = Groups::of(g);
+    // One partial sum of dW^T [CK, O] per thread, over a contiguous run of groups, added up at the end.
+    let chunks = groups.count.min(rayon::current_num_threads()).max(1);
+    let per = groups.count.div_ceil(chunks);
     let par = inner_parallelism(chunks);
     let partial = |chunk: usize| {
         let mut acc = vec![T::ZERO; g.o * ck];
-        T::with_workspace(ck * l, |col| {
-            for i in chunk * per..((chunk + 1) * per).min(g.n) {
-                im2col(g, &x[i * xl..(i + 1) * xl], col);
-                let dy_i = Mat::rows(&dy[i * ol..(i + 1) * ol], l);
-                gemm_into((g.o, ck, l), &mut acc, true, dy_i, Mat::transposed(col, l), par);
-            }
-        });
+        for group in chunk * per..((chunk + 1) * per).min(groups.count) {
+            let samples = groups.samples(group, g.n);
+            let (first, m) = (samples.start, samples.len());
+            let cols = m * l;
+            T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+                let (col, tmp) = ws.split_at_mut(ck * cols);
+                for j in 0..m {
+                    let i = first + j;
+                    im2col(g, &x[i * xl..(i + 1) * xl], &mut col[j * l..], cols);
+                }
+                let dy_g = &dy[first * ol..(first + m) * ol];
+                let dy_m = if m == 1 {
+                    dy_g
+                } else {
+                    swap_outer(dy_g, (m, g.o, l), tmp);
+                    &*tmp
+                };
+                // dW^T += col dy^T: the gemm crate then packs dy (O rows) rather than col (CK rows).
+                gemm_into(
+                    (ck, g.o, cols),
+                    &mut acc,
+                    true,
+                    Mat::rows(col, cols),
+                    Mat::transposed(dy_m, cols),
+                    par,
+                );
+            });
+        }
         acc
     };
     let parts: Vec<Vec<T>> = if chunks == 1 {
@@ -165,12 +251,14 @@ fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
         (0..chunks).into_par_iter().map(partial).collect()
     };
     let mut parts = parts.into_iter();
-    let mut dw = parts.next().unwrap_or_default();
+    let mut dw_t = parts.next().unwrap_or_default();
     for part in parts {
-        for (d, p) in dw.iter_mut().zip(part) {
+        for (d, p) in dw_t.iter_mut().zip(part) {
             *d += p;
         }
     }
+    let mut dw = vec![T::ZERO; g.o * ck];
+    swap_outer(&dw_t, (ck, g.o, 1), &mut dw);
     dw
 }
 
@@ -180,7 +268,7 @@ trait Pass {
 }
 
 fn contiguous<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    crate::models::cpu_slice::contiguous(v, l, "conv2d", what)
+    crate::models::cpu_buffers::contiguous(v, l, "conv2d", what)
 }
 
 fn apply(

@@ -1,6 +1,9 @@
 //! im2col and its adjoint col2im for one sample: the column matrix [C*KH*KW, OH*OW] whose row
 //! (c, a, b) holds x[c, u*sh + a - ph, v*sw + b - pw] at column (u, v), zero where that falls in
 //! the padding. col2im adds such a matrix back onto the input positions it was read from.
+//!
+//! A matrix may sit inside a wider one (`ld`, its row stride, at least OH*OW): the CPU convolution
+//! lays the column matrices of a group of samples side by side, so that one GEMM serves them all.
 
 use super::geometry::Geometry;
 use std::ops::AddAssign;
@@ -16,8 +19,8 @@ fn valid(out: usize, len: usize, s: usize, b: usize, p: usize) -> (usize, usize)
     (lo.min(hi), hi)
 }
 
-/// Fills `col` (len ck * l) from one sample `x` (len c * h * w).
-pub fn im2col<T: Copy + Default>(g: &Geometry, x: &[T], col: &mut [T]) {
+/// Fills the column matrix at the start of `col` (row stride `ld`) from one sample `x` (len c * h * w).
+pub fn im2col<T: Copy + Default>(g: &Geometry, x: &[T], col: &mut [T], ld: usize) {
     let (l, ow) = (g.l(), g.ow);
     for c in 0..g.c {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -25,7 +28,7 @@ pub fn im2col<T: Copy + Default>(g: &Geometry, x: &[T], col: &mut [T]) {
             let (u_lo, u_hi) = valid(g.oh, g.h, g.sh, a, g.ph);
             for b in 0..g.kw {
                 let (v_lo, v_hi) = valid(ow, g.w, g.sw, b, g.pw);
-                let row = &mut col[((c * g.kh + a) * g.kw + b) * l..][..l];
+                let row = &mut col[((c * g.kh + a) * g.kw + b) * ld..][..l];
                 row[..u_lo * ow].fill(T::default());
                 row[u_hi * ow..].fill(T::default());
                 for u in u_lo..u_hi {
@@ -47,8 +50,9 @@ pub fn im2col<T: Copy + Default>(g: &Geometry, x: &[T], col: &mut [T]) {
     }
 }
 
-/// Adds `col` (len ck * l) onto one sample's input gradient `dx` (len c * h * w).
-pub fn col2im<T: Copy + AddAssign>(g: &Geometry, col: &[T], dx: &mut [T]) {
+/// Adds the column matrix at the start of `col` (row stride `ld`) onto one sample's input gradient
+/// `dx` (len c * h * w).
+pub fn col2im<T: Copy + AddAssign>(g: &Geometry, col: &[T], dx: &mut [T], ld: usize) {
     let (l, ow) = (g.l(), g.ow);
     for c in 0..g.c {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -56,7 +60,7 @@ pub fn col2im<T: Copy + AddAssign>(g: &Geometry, col: &[T], dx: &mut [T]) {
             let (u_lo, u_hi) = valid(g.oh, g.h, g.sh, a, g.ph);
             for b in 0..g.kw {
                 let (v_lo, v_hi) = valid(ow, g.w, g.sw, b, g.pw);
-                let row = &col[((c * g.kh + a) * g.kw + b) * l..][..l];
+                let row = &col[((c * g.kh + a) * g.kw + b) * ld..][..l];
                 for u in u_lo..u_hi {
                     let dst = &mut plane[(u * g.sh + a - g.ph) * g.w..][..g.w];
                     let src = &row[u * ow..(u + 1) * ow];
@@ -95,12 +99,29 @@ mod tests {
             let x: Vec<f64> = (0..g.input_len()).map(|_| r.normal() as f64).collect();
             let y: Vec<f64> = (0..g.ck() * g.l()).map(|_| r.normal() as f64).collect();
             let mut col = vec![f64::NAN; y.len()];
-            im2col(&g, &x, &mut col);
+            im2col(&g, &x, &mut col, g.l());
             let mut back = vec![0.0; x.len()];
-            col2im(&g, &y, &mut back);
+            col2im(&g, &y, &mut back, g.l());
             let lhs: f64 = col.iter().zip(&y).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()), "{lhs} vs {rhs} for {g:?}");
+
+            // Inside a wider matrix (row stride l + 3, at column 2) the same values land, and
+            // nothing outside the sample's columns is touched.
+            let (l, ld) = (g.l(), g.l() + 3);
+            let mut wide = vec![f64::NAN; g.ck() * ld];
+            im2col(&g, &x, &mut wide[2..], ld);
+            for r in 0..g.ck() {
+                assert_eq!(&wide[r * ld + 2..][..l], &col[r * l..][..l], "row {r} of {g:?}");
+                assert!(wide[r * ld..r * ld + 2].iter().all(|v| v.is_nan()));
+            }
+            let mut wide_y = vec![0.0; g.ck() * ld + 2];
+            for r in 0..g.ck() {
+                wide_y[r * ld + 2..][..l].copy_from_slice(&y[r * l..][..l]);
+            }
+            let mut back_wide = vec![0.0; x.len()];
+            col2im(&g, &wide_y[2..], &mut back_wide, ld);
+            assert_eq!(back_wide, back, "col2im from a wider matrix, {g:?}");
         }
     }
 }

@@ -22,7 +22,11 @@ mod workspace;
 #[cfg(test)]
 mod tests;
 
+/// The CPU passes on plain slices, for ops that fuse a convolution with what follows it.
+pub(in crate::models) use cpu::{forward as cpu_forward, input_grad as cpu_input_grad, weight_grad as cpu_weight_grad};
 pub use geometry::ConvParams;
+pub(in crate::models) use geometry::Geometry;
+pub(in crate::models) use workspace::Elem;
 
 use candle_core::{Result, Tensor};
 

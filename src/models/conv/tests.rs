@@ -24,6 +24,10 @@ fn cases() -> Vec<([usize; 4], [usize; 4], ConvParams)> {
         ([1, 3, 5, 8], [2, 3, 3, 3], sq(2, 0)),
         ([4, 2, 4, 4], [17, 2, 3, 3], sq(1, 0)),
         ([2, 6, 10, 7], [9, 6, 3, 3], sq(2, 1)),
+        // 100 output positions a sample: groups of 6 samples share a GEMM, the last group holds one.
+        ([7, 2, 10, 10], [3, 2, 3, 3], sq(1, 1)),
+        // 1024 positions: one sample a group, four groups.
+        ([4, 1, 32, 32], [2, 1, 1, 1], sq(1, 0)),
     ]
 }
 
@@ -214,12 +218,13 @@ fn cpu_gradients_match_finite_differences() {
     }
 }
 
-/// The CPU op's parallel split (samples over threads, or one sample's GEMM over threads) does
-/// not change its results beyond rounding.
+/// The CPU op's parallel split (groups of samples over threads, or one group's GEMM over threads)
+/// does not change its results beyond rounding.
 #[test]
 fn thread_counts_agree() {
     let mut rng = Rng::new(14);
-    for xs in [[5, 4, 6, 6], [1, 4, 6, 6]] {
+    // One group of 5; one sample; four groups of 57 samples, the last of 1 (9 positions a sample).
+    for xs in [[5, 4, 6, 6], [1, 4, 6, 6], [172, 4, 6, 6]] {
         let (x, w) = (
             random(xs, DType::F32, &mut rng),
             random([6, 4, 3, 3], DType::F32, &mut rng),
