@@ -1,6 +1,7 @@
 //! The few layers our models share, built on `Builder` so their parameters get seeded init and
 //! PyTorch names.
 
+use super::batch_norm::BatchNorm;
 use super::builder::{Builder, Init};
 use super::conv::{self, ConvParams};
 use candle_core::{Module, Result, Tensor};
@@ -44,6 +45,24 @@ impl Conv2d {
             None => None,
         };
         Ok(Self { weight, bias, params })
+    }
+}
+
+impl Conv2d {
+    /// This convolution, then `bn`, then a ReLU if `relu`: one op each way where `conv_bn` fuses
+    /// them (CPU training, no convolution bias), the layers one by one otherwise.
+    pub fn forward_bn(&self, x: &Tensor, bn: &BatchNorm, train: bool, relu: bool) -> Result<Tensor> {
+        if self.bias.is_none() {
+            if let Some(z) = super::conv_bn::fused(x, &self.weight, self.params, bn, train, relu)? {
+                return Ok(z);
+            }
+        }
+        let y = self.forward(x)?;
+        if relu {
+            bn.forward_relu(&y, train)
+        } else {
+            bn.forward_t(&y, train)
+        }
     }
 }
 

@@ -37,8 +37,8 @@ impl BasicBlock {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn_a.forward_relu(&self.conv_a.forward(x)?, train)?;
-        let y = self.bn_b.forward_t(&self.conv_b.forward(&y)?, train)?;
+        let y = self.conv_a.forward_bn(x, &self.bn_a, train, true)?;
+        let y = self.conv_b.forward_bn(&y, &self.bn_b, train, false)?;
         let shortcut = match self.downsample {
             None => x.clone(),
             Some(extra) => {
@@ -105,7 +105,7 @@ impl ResNet20 {
 
     /// Logits [N, classes] for images [N, 3, H, W].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn.forward_relu(&self.conv.forward(x)?, train)?;
+        let mut y = self.conv.forward_bn(x, &self.bn, train, true)?;
         for block in &self.blocks {
             y = block.forward(&y, train)?;
         }
