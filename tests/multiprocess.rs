@@ -72,10 +72,20 @@ fn a_killed_rank_ends_the_job_with_its_name_and_the_checkpoint_survives() {
     let victim = ranks.pop().unwrap();
     drop(victim); // SIGKILL
     let killed_at = Instant::now();
-    for (r, (code, err)) in finish(ranks, Duration::from_secs(30)).into_iter().enumerate() {
-        assert_ne!(code, 0, "rank {r} should fail");
-        assert!(err.contains("rank 2"), "rank {r} does not name the lost rank: {err}");
+    // A rank that talks to rank 2 names it; a rank that first sees another survivor exit says
+    // that peer is gone (which one comes first depends on the machine's load).
+    let out = finish(ranks, Duration::from_secs(30));
+    for (r, (code, err)) in out.iter().enumerate() {
+        assert_ne!(*code, 0, "rank {r} should fail");
+        assert!(
+            err.contains("rank 2") || err.contains("is gone"),
+            "rank {r} neither names the lost rank nor a lost peer: {err}"
+        );
     }
+    assert!(
+        out.iter().any(|(_, err)| err.contains("rank 2")),
+        "no rank names the lost rank 2: {out:?}"
+    );
     assert!(
         killed_at.elapsed() < Duration::from_secs(15),
         "took {:?}",
