@@ -1,5 +1,5 @@
-//! A bias-free convolution, then a training-mode BatchNorm (then a ReLU), as one CPU custom op
-//! each way: ResNet-20's every layer.
+//! A convolution (with or without a bias), then a training-mode BatchNorm (then a ReLU), as one
+//! CPU custom op each way: every layer of ResNet-20 and of VGG-16.
 //!
 //! Apart, the two ops meet at the convolution's output: candle's backward adds the BatchNorm's
 //! input gradient into a fresh zero tensor before the convolution's backward reads it (a memset
@@ -11,22 +11,34 @@
 use super::batch_norm::{self, BatchNorm, Dims, Float, Stats};
 use super::conv::{self, ConvParams, Elem, Geometry};
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
-/// conv2d(x, w) then `bn` (then ReLU with `relu`) when they run fused (CPU training); `None`
-/// otherwise, for the caller to run the two layers apart.
-pub fn fused(x: &Tensor, w: &Tensor, p: ConvParams, bn: &BatchNorm, train: bool, relu: bool) -> Result<Option<Tensor>> {
-    if !BatchNorm::fuses(x, train) || !w.device().is_cpu() || w.dtype() != x.dtype() {
+/// conv2d(x, w) (+ `bias` per channel) then `bn` (then ReLU with `relu`) when they run fused
+/// (CPU training); `None` otherwise, for the caller to run the two layers apart.
+pub fn fused(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: ConvParams,
+    bn: &BatchNorm,
+    (train, relu): (bool, bool),
+) -> Result<Option<Tensor>> {
+    let same = |t: &Tensor| t.device().is_cpu() && t.dtype() == x.dtype();
+    if !BatchNorm::fuses(x, train) || !same(w) || !bias.is_none_or(same) {
         return Ok(None);
     }
-    let (weight, bias) = bn.affine(x.dtype())?;
+    let (weight, bn_bias) = bn.affine(x.dtype())?;
     let saved = Arc::new(Mutex::new(None));
     let op = Train {
         p,
         relu,
+        bias: bias.is_some(),
         saved: saved.clone(),
     };
-    let affine = Tensor::cat(&[&weight, &bias], 0)?;
+    let mut parts = vec![&weight, &bn_bias];
+    parts.extend(bias);
+    let affine = Tensor::cat(&parts, 0)?;
     let z = x.contiguous()?.apply_op3(&w.contiguous()?, &affine, op)?;
     let stats = saved
         .lock()
@@ -43,10 +55,11 @@ struct Saved {
     y: CpuStorage,
 }
 
-/// (input, kernel, [bn weight; bn bias]) -> output.
+/// (input, kernel, [bn weight; bn bias; conv bias if `bias`]) -> output.
 struct Train {
     p: ConvParams,
     relu: bool,
+    bias: bool,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -55,12 +68,13 @@ fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
 }
 
 /// The shapes of both halves, checked.
-fn shapes(x: &[usize], w: &[usize], p: ConvParams, affine: usize) -> Result<(Geometry, Dims)> {
+fn shapes(x: &[usize], w: &[usize], p: ConvParams, affine: usize, bias: bool) -> Result<(Geometry, Dims)> {
     let g = Geometry::new(x, w, p)?;
     let d = Dims::of(&[g.n, g.o, g.oh, g.ow])?;
-    if affine != 2 * g.o {
+    let want = if bias { 3 } else { 2 } * g.o;
+    if affine != want {
         bail!(
-            "conv+bn: {affine} batch-norm weight and bias values for {} channels",
+            "conv+bn: {affine} batch-norm weight, bias (and conv bias) values, expected {want} for {} channels",
             g.o
         );
     }
@@ -75,8 +89,16 @@ fn forward<T: Elem + Float>(
     affine: &[T],
     relu: bool,
 ) -> (Vec<T>, Vec<T>, Stats) {
-    let y = conv::cpu_forward(g, x, w);
-    let (gamma, beta) = affine.split_at(g.o);
+    let mut y = conv::cpu_forward(g, x, w);
+    let (gamma, rest) = affine.split_at(g.o);
+    let (beta, bias) = rest.split_at(g.o);
+    if !bias.is_empty() {
+        // As the layers apart: the bias added in the tensor's type, then normalised.
+        y.par_chunks_mut(g.l()).enumerate().for_each(|(i, block)| {
+            let b = bias[i % g.o];
+            block.iter_mut().for_each(|v| *v = *v + b);
+        });
+    }
     let (z, stats) = batch_norm::cpu_forward(d, &y, gamma, beta, batch_norm::EPS, relu);
     (y, z, stats)
 }
@@ -95,7 +117,7 @@ impl CustomOp3 for Train {
         a: &CpuStorage,
         la: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, d) = shapes(lx.dims(), lw.dims(), self.p, la.shape().elem_count())?;
+        let (g, d) = shapes(lx.dims(), lw.dims(), self.p, la.shape().elem_count(), self.bias)?;
         let (y, z, stats) = match (x, w, a) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(a)) => {
                 let (y, z, s) = forward(
@@ -137,7 +159,7 @@ impl CustomOp3 for Train {
         let Some(saved) = saved.as_ref() else {
             bail!("conv+bn: backward before its forward ran");
         };
-        let (g, d) = shapes(x.dims(), w.dims(), self.p, a.elem_count())?;
+        let (g, d) = shapes(x.dims(), w.dims(), self.p, a.elem_count(), self.bias)?;
         let gamma: Vec<f64> = a.narrow(0, 0, g.o)?.to_dtype(DType::F64)?.to_vec1()?;
         let dz = dz.contiguous()?;
         let (xs, lx) = x.storage_and_layout();
@@ -150,6 +172,7 @@ impl CustomOp3 for Train {
             gamma: &gamma,
             stats: &saved.stats,
             relu: self.relu,
+            bias: self.bias,
         };
         let (dx, dw, da) = match (&*xs, &*ws, &*zs, &*dzs, &saved.y) {
             (
@@ -191,10 +214,11 @@ struct Backward<'a> {
     gamma: &'a [f64],
     stats: &'a Stats,
     relu: bool,
+    bias: bool,
 }
 
 impl Backward<'_> {
-    /// (dx, dw, [dgamma; dbeta]) as flat CPU tensors.
+    /// (dx, dw, [dgamma; dbeta; dbias]) as flat CPU tensors.
     fn run<T: Elem + Float + candle_core::WithDType>(
         &self,
         x: &[T],
@@ -209,7 +233,21 @@ impl Backward<'_> {
         }
         // dy ++ dgamma ++ dbeta, as the BatchNorm's own backward lays them out.
         let mut all = batch_norm::cpu_backward(self.d, y, dz, z, self.gamma, self.stats, batch_norm::EPS, self.relu);
-        let da = all.split_off(n);
+        let mut da = all.split_off(n);
+        if self.bias {
+            // The bias gradient sums dy per channel: in f64, each channel in one fixed order.
+            let (o, l) = (self.g.o, self.g.l());
+            let sums: Vec<f64> = (0..o)
+                .into_par_iter()
+                .map(|c| {
+                    let block = |i: usize| &all[(i * o + c) * l..][..l];
+                    (0..self.g.n)
+                        .map(|i| block(i).iter().map(|&v| Float::to_f64(v)).sum::<f64>())
+                        .sum()
+                })
+                .collect();
+            da.extend(sums.into_iter().map(<T as Float>::from_f64));
+        }
         let dx = conv::cpu_input_grad(self.g, &all, w);
         let dw = conv::cpu_weight_grad(self.g, x, &all);
         let cpu = |v: Vec<T>| {
@@ -237,12 +275,22 @@ mod tests {
         cin: usize,
         cout: usize,
         p: (usize, usize),
-        relu: bool,
+        (relu, bias): (bool, bool),
         fused: bool,
     ) -> Vec<Vec<f64>> {
         let vm = VarMap::new();
         let b = Builder::new(&vm, 7, &Device::Cpu);
-        let conv = Conv2d::new(&b.pp("conv"), cin, cout, 3, p.0, p.1, Init::Normal { std: 0.5 }, None).unwrap();
+        let conv = Conv2d::new(
+            &b.pp("conv"),
+            cin,
+            cout,
+            3,
+            p.0,
+            p.1,
+            Init::Normal { std: 0.5 },
+            bias.then_some(Init::Normal { std: 0.5 }),
+        )
+        .unwrap();
         let bn = BatchNorm::new(&b.pp("bn"), cout).unwrap();
         let vars = vm.data().lock().unwrap().clone();
         // Weight and bias away from 1 and 0, so that their gradients and the scale both matter.
@@ -279,6 +327,9 @@ mod tests {
         for name in ["bn.running_mean", "bn.running_var"] {
             out.push(flat(vars[name].as_tensor()));
         }
+        if bias {
+            out.push(flat(grads.get(vars["conv.bias"].as_tensor()).expect("conv bias")));
+        }
         out
     }
 
@@ -295,8 +346,10 @@ mod tests {
         ];
         // The fused op runs the very passes the two layers run apart, in the same order, and
         // candle's zero-then-add accumulation between them is exact: the results are equal bit
-        // for bit.
-        {
+        // for bit. The one exception is the conv bias's gradient, the sum of dy per channel
+        // (candle's f32 reduction apart, an f64 sum fused); BatchNorm makes it zero in exact
+        // arithmetic, so both are rounding noise near zero.
+        for bias in [false, true] {
             for (xs, cout, p) in cases {
                 for relu in [false, true] {
                     let n: usize = xs.iter().product();
@@ -305,8 +358,16 @@ mod tests {
                     let zs = output_shape(&x, cout, p);
                     let rv: Vec<f32> = (0..zs.0 * zs.1 * zs.2 * zs.3).map(|_| rng.normal()).collect();
                     let r = Tensor::from_vec(rv, zs, &Device::Cpu).unwrap();
-                    let want = run(&x, &r, xs[1], cout, p, relu, false);
-                    let got = run(&x, &r, xs[1], cout, p, relu, true);
+                    let want = run(&x, &r, xs[1], cout, p, (relu, bias), false);
+                    let got = run(&x, &r, xs[1], cout, p, (relu, bias), true);
+                    assert_eq!(got.len(), want.len());
+                    if bias {
+                        let (g, w) = (&got[7], &want[7]);
+                        assert_eq!(g.len(), cout);
+                        for (a, b) in g.iter().zip(w) {
+                            assert!(a.abs() < 1e-4 && (a - b).abs() < 1e-4, "conv bias gradient {a} vs {b}");
+                        }
+                    }
                     let names = ["output", "dx", "dw", "dgamma", "dbeta", "running mean", "running var"];
                     for ((g, w), name) in got.iter().zip(&want).zip(names) {
                         assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|&v| v != 0.0), "{name}");
@@ -331,19 +392,19 @@ mod tests {
         let w = Tensor::ones((4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
         let p = ConvParams::square(1, 1);
         assert!(
-            fused(&x, &w, p, &bn, false, true).unwrap().is_none(),
+            fused(&x, &w, None, p, &bn, (false, true)).unwrap().is_none(),
             "evaluation runs apart"
         );
         let w64 = w.to_dtype(DType::F64).unwrap();
         assert!(
-            fused(&x, &w64, p, &bn, true, true).unwrap().is_none(),
+            fused(&x, &w64, None, p, &bn, (true, true)).unwrap().is_none(),
             "mixed types run apart"
         );
         let bad = Tensor::ones((4, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        let e = fused(&x, &bad, p, &bn, true, true).unwrap_err().to_string();
+        let e = fused(&x, &bad, None, p, &bn, (true, true)).unwrap_err().to_string();
         assert!(e.contains("channels"), "{e}");
         let other = Tensor::ones((5, 3, 3, 3), DType::F32, &Device::Cpu).unwrap();
-        let e = fused(&x, &other, p, &bn, true, true).unwrap_err().to_string();
-        assert!(e.contains("batch-norm weight and bias"), "{e}");
+        let e = fused(&x, &other, None, p, &bn, (true, true)).unwrap_err().to_string();
+        assert!(e.contains("expected 10 for 5 channels"), "{e}");
     }
 }

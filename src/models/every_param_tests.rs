@@ -142,24 +142,27 @@ fn one_sgd_step_moves_every_tensor_with_a_gradient(model: &Model, b: &Batch) {
         // In training mode a bias right before a BatchNorm is cancelled by the batch mean: its
         // gradient is zero up to rounding. Every other tensor must have moved.
         assert!(
-            movable || before_batch_norm(model.arch, name),
+            movable || before_batch_norm(model, name),
             "{:?}: {name} did not move (gradient non-zero: {has_grad})",
             model.arch
         );
     }
 }
 
-fn before_batch_norm(arch: Arch, name: &str) -> bool {
-    let conv_index = |prefix: &str| {
-        name.strip_prefix(prefix)
-            .and_then(|r| r.strip_suffix(".bias"))
-            .and_then(|i| i.parse::<usize>().ok())
+/// Whether `name` is the bias of a layer `prefix.i` that a BatchNorm `prefix.(i + 1)` follows
+/// (VGG-16's convolutions, AN4's two).
+fn before_batch_norm(model: &Model, name: &str) -> bool {
+    let Some(layer) = name.strip_suffix(".bias") else {
+        return false;
     };
-    match arch {
-        Arch::Vgg16 => conv_index("features.").is_some_and(|i| i % 3 == 0),
-        Arch::LstmAn4 => matches!(conv_index("conv.seq_module."), Some(0 | 3)),
-        _ => false,
-    }
+    let Some((prefix, index)) = layer.rsplit_once('.') else {
+        return false;
+    };
+    let Ok(i) = index.parse::<usize>() else {
+        return false;
+    };
+    let next = format!("{prefix}.{}.running_mean", i + 1);
+    model.buffers.iter().any(|(b, _)| *b == next)
 }
 
 /// Running statistics as a trained model has them: from (mean 0, var 1), one training-mode

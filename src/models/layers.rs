@@ -50,12 +50,11 @@ impl Conv2d {
 
 impl Conv2d {
     /// This convolution, then `bn`, then a ReLU if `relu`: one op each way where `conv_bn` fuses
-    /// them (CPU training, no convolution bias), the layers one by one otherwise.
+    /// them (CPU training), the layers one by one otherwise.
     pub fn forward_bn(&self, x: &Tensor, bn: &BatchNorm, train: bool, relu: bool) -> Result<Tensor> {
-        if self.bias.is_none() {
-            if let Some(z) = super::conv_bn::fused(x, &self.weight, self.params, bn, train, relu)? {
-                return Ok(z);
-            }
+        let fused = super::conv_bn::fused(x, &self.weight, self.bias.as_ref(), self.params, bn, (train, relu))?;
+        if let Some(z) = fused {
+            return Ok(z);
         }
         let y = self.forward(x)?;
         if relu {

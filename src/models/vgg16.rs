@@ -55,7 +55,7 @@ impl Vgg16 {
         let mut y = x.clone();
         for layer in &self.features {
             y = match layer {
-                Layer::Conv(conv, norm) => norm.forward_relu(&conv.forward(&y)?, train)?,
+                Layer::Conv(conv, norm) => conv.forward_bn(&y, norm, train, true)?,
                 Layer::Pool => y.max_pool2d(2)?,
             };
         }
