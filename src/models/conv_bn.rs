@@ -96,7 +96,7 @@ fn forward<T: Elem + Float>(
         // As the layers apart: the bias added in the tensor's type, then normalised.
         y.par_chunks_mut(g.l()).enumerate().for_each(|(i, block)| {
             let b = bias[i % g.o];
-            block.iter_mut().for_each(|v| *v = *v + b);
+            block.iter_mut().for_each(|v| *v += b);
         });
     }
     let (z, stats) = batch_norm::cpu_forward(d, &y, gamma, beta, batch_norm::EPS, relu);
