@@ -10,7 +10,8 @@
 
 use super::batch_norm::{self, BatchNorm, Dims, Float, Stats};
 use super::conv::{self, ConvParams, Elem, Geometry};
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -103,6 +104,39 @@ fn forward<T: Elem + Float>(
     (y, z, stats)
 }
 
+impl Train {
+    fn forward_as<T: Elem + Float + WithDType>(
+        &self,
+        (x, lx): (&CpuStorage, &Layout),
+        (w, lw): (&CpuStorage, &Layout),
+        (a, la): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, d) = shapes(lx.dims(), lw.dims(), self.p, la.shape().elem_count(), self.bias)?;
+        let (x, w, a) = (
+            typed::<T>(x, lx, "input")?,
+            typed::<T>(w, lw, "kernel")?,
+            typed::<T>(a, la, "affine")?,
+        );
+        let (y, z, stats) = forward(&g, d, x, w, a, self.relu);
+        let y = T::to_cpu_storage_owned(y);
+        *self.saved.lock().expect("conv+bn state") = Some(Saved { stats, y });
+        Ok((T::to_cpu_storage_owned(z), g.output_dims().into()))
+    }
+}
+
+/// A contiguous operand's values as `T`: an error for another type.
+fn typed<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    slice(T::cpu_storage_as_slice(s)?, l, what)
+}
+
+/// A CPU tensor's storage, or an error naming `what`.
+fn cpu<'a>(s: &'a Storage, what: &str) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => bail!("conv+bn backward: the {what} is not on the CPU"),
+    }
+}
+
 impl CustomOp3 for Train {
     fn name(&self) -> &'static str {
         "conv-bn-train"
@@ -117,34 +151,12 @@ impl CustomOp3 for Train {
         a: &CpuStorage,
         la: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (g, d) = shapes(lx.dims(), lw.dims(), self.p, la.shape().elem_count(), self.bias)?;
-        let (y, z, stats) = match (x, w, a) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(a)) => {
-                let (y, z, s) = forward(
-                    &g,
-                    d,
-                    slice(x, lx, "input")?,
-                    slice(w, lw, "kernel")?,
-                    slice(a, la, "affine")?,
-                    self.relu,
-                );
-                (CpuStorage::F32(y), CpuStorage::F32(z), s)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(a)) => {
-                let (y, z, s) = forward(
-                    &g,
-                    d,
-                    slice(x, lx, "input")?,
-                    slice(w, lw, "kernel")?,
-                    slice(a, la, "affine")?,
-                    self.relu,
-                );
-                (CpuStorage::F64(y), CpuStorage::F64(z), s)
-            }
+        let (x, w, a) = ((x, lx), (w, lw), (a, la));
+        match (x.0.dtype(), w.0.dtype(), a.0.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => self.forward_as::<f32>(x, w, a),
+            (DType::F64, DType::F64, DType::F64) => self.forward_as::<f64>(x, w, a),
             _ => bail!("conv+bn: input, kernel and affine must all be f32 or all f64"),
-        };
-        *self.saved.lock().expect("conv+bn state") = Some(Saved { stats, y });
-        Ok((z, g.output_dims().into()))
+        }
     }
 
     fn bwd(
@@ -162,10 +174,6 @@ impl CustomOp3 for Train {
         let (g, d) = shapes(x.dims(), w.dims(), self.p, a.elem_count(), self.bias)?;
         let gamma: Vec<f64> = a.narrow(0, 0, g.o)?.to_dtype(DType::F64)?.to_vec1()?;
         let dz = dz.contiguous()?;
-        let (xs, lx) = x.storage_and_layout();
-        let (ws, lw) = w.storage_and_layout();
-        let (zs, lz) = z.storage_and_layout();
-        let (dzs, ldz) = dz.storage_and_layout();
         let bwd = Backward {
             g: &g,
             d,
@@ -174,34 +182,10 @@ impl CustomOp3 for Train {
             relu: self.relu,
             bias: self.bias,
         };
-        let (dx, dw, da) = match (&*xs, &*ws, &*zs, &*dzs, &saved.y) {
-            (
-                Storage::Cpu(CpuStorage::F32(x)),
-                Storage::Cpu(CpuStorage::F32(w)),
-                Storage::Cpu(CpuStorage::F32(z)),
-                Storage::Cpu(CpuStorage::F32(dz)),
-                CpuStorage::F32(y),
-            ) => bwd.run(
-                slice(x, lx, "input")?,
-                slice(w, lw, "kernel")?,
-                y,
-                slice(z, lz, "output")?,
-                slice(dz, ldz, "output gradient")?,
-            )?,
-            (
-                Storage::Cpu(CpuStorage::F64(x)),
-                Storage::Cpu(CpuStorage::F64(w)),
-                Storage::Cpu(CpuStorage::F64(z)),
-                Storage::Cpu(CpuStorage::F64(dz)),
-                CpuStorage::F64(y),
-            ) => bwd.run(
-                slice(x, lx, "input")?,
-                slice(w, lw, "kernel")?,
-                y,
-                slice(z, lz, "output")?,
-                slice(dz, ldz, "output gradient")?,
-            )?,
-            _ => bail!("conv+bn backward: the operands must be CPU tensors of one float type"),
+        let (dx, dw, da) = match x.dtype() {
+            DType::F32 => bwd.run::<f32>(x, w, &saved.y, z, &dz)?,
+            DType::F64 => bwd.run::<f64>(x, w, &saved.y, z, &dz)?,
+            t => bail!("conv+bn backward: {t:?} operands, expected f32 or f64"),
         };
         Ok((Some(dx.reshape(x.shape())?), Some(dw.reshape(w.shape())?), Some(da)))
     }
@@ -219,14 +203,23 @@ struct Backward<'a> {
 
 impl Backward<'_> {
     /// (dx, dw, [dgamma; dbeta; dbias]) as flat CPU tensors.
-    fn run<T: Elem + Float + candle_core::WithDType>(
+    fn run<T: Elem + Float + WithDType>(
         &self,
-        x: &[T],
-        w: &[T],
-        y: &[T],
-        z: &[T],
-        dz: &[T],
+        x: &Tensor,
+        w: &Tensor,
+        y: &CpuStorage,
+        z: &Tensor,
+        dz: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (xs, lx) = x.storage_and_layout();
+        let (ws, lw) = w.storage_and_layout();
+        let (zs, lz) = z.storage_and_layout();
+        let (dzs, ldz) = dz.storage_and_layout();
+        let x = typed::<T>(cpu(&xs, "input")?, lx, "input")?;
+        let w = typed::<T>(cpu(&ws, "kernel")?, lw, "kernel")?;
+        let z = typed::<T>(cpu(&zs, "output")?, lz, "output")?;
+        let dz = typed::<T>(cpu(&dzs, "output gradient")?, ldz, "output gradient")?;
+        let y = T::cpu_storage_as_slice(y)?;
         let n = self.d.len();
         if y.len() != n || z.len() != n || dz.len() != n {
             bail!("conv+bn backward: output of {} values, expected {n}", z.len());

@@ -154,18 +154,42 @@ fn swap_outer<T: Copy>(src: &[T], (a, b, inner): (usize, usize, usize), dst: &mu
     }
 }
 
+/// Workspace values a group of `m` samples needs: its column matrix [CK, m L], then room for its
+/// gathered [O, m L] output or output gradient.
+fn workspace_len(g: &Geometry, m: usize) -> usize {
+    g.ck() * m * g.l() + if m > 1 { g.o * g.l() * m } else { 0 }
+}
+
+/// The column matrices of samples `first..first + m` side by side in `col` (row stride m L).
+fn group_columns<T: Elem>(g: &Geometry, x: &[T], first: usize, m: usize, col: &mut [T]) {
+    let (l, xl) = (g.l(), g.input_len());
+    for j in 0..m {
+        let i = first + j;
+        im2col(g, &x[i * xl..(i + 1) * xl], &mut col[j * l..], m * l);
+    }
+}
+
+/// The output gradient of samples `first..first + m` as one [O, m L] matrix: `dy`'s own values for
+/// one sample, else gathered into `tmp`.
+fn group_gradient<'a, T: Elem>(g: &Geometry, dy: &'a [T], first: usize, m: usize, tmp: &'a mut [T]) -> &'a [T] {
+    let ol = g.o * g.l();
+    let dy_g = &dy[first * ol..(first + m) * ol];
+    if m == 1 {
+        return dy_g;
+    }
+    swap_outer(dy_g, (m, g.o, g.l()), tmp);
+    tmp
+}
+
 pub(in crate::models) fn forward<T: Elem>(g: &Geometry, x: &[T], w: &[T]) -> Vec<T> {
-    let (ck, l, xl, ol) = (g.ck(), g.l(), g.input_len(), g.o * g.l());
+    let (ck, l, ol) = (g.ck(), g.l(), g.o * g.l());
     let groups = Groups::of(g);
     per_group(g.n, ol, groups, |first, y_g, par| {
         let m = y_g.len() / ol;
         let cols = m * l;
-        T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+        T::with_workspace(workspace_len(g, m), |ws| {
             let (col, tmp) = ws.split_at_mut(ck * cols);
-            for j in 0..m {
-                let i = first + j;
-                im2col(g, &x[i * xl..(i + 1) * xl], &mut col[j * l..], cols);
-            }
+            group_columns(g, x, first, m, col);
             if m == 1 {
                 gemm_into((g.o, l, ck), y_g, false, Mat::rows(w, ck), Mat::rows(col, l), par);
             } else {
@@ -177,20 +201,14 @@ pub(in crate::models) fn forward<T: Elem>(g: &Geometry, x: &[T], w: &[T]) -> Vec
 }
 
 pub(in crate::models) fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) -> Vec<T> {
-    let (ck, l, xl, ol) = (g.ck(), g.l(), g.input_len(), g.o * g.l());
+    let (ck, l, xl) = (g.ck(), g.l(), g.input_len());
     let groups = Groups::of(g);
     per_group(g.n, xl, groups, |first, dx_g, par| {
         let m = dx_g.len() / xl;
         let cols = m * l;
-        let dy_g = &dy[first * ol..(first + m) * ol];
-        T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+        T::with_workspace(workspace_len(g, m), |ws| {
             let (dcol, tmp) = ws.split_at_mut(ck * cols);
-            let dy_m = if m == 1 {
-                dy_g
-            } else {
-                swap_outer(dy_g, (m, g.o, l), tmp);
-                &*tmp
-            };
+            let dy_m = group_gradient(g, dy, first, m, tmp);
             gemm_into(
                 (ck, cols, g.o),
                 dcol,
@@ -207,7 +225,7 @@ pub(in crate::models) fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) ->
 }
 
 pub(in crate::models) fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
-    let (ck, l, ol, xl) = (g.ck(), g.l(), g.o * g.l(), g.input_len());
+    let (ck, l) = (g.ck(), g.l());
     let groups = Groups::of(g);
     // One partial sum per thread, over a contiguous run of groups, added up at the end.
     let chunks = groups.count.min(rayon::current_num_threads()).max(1);
@@ -223,19 +241,10 @@ pub(in crate::models) fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -
             let samples = groups.samples(group, g.n);
             let (first, m) = (samples.start, samples.len());
             let cols = m * l;
-            T::with_workspace(ck * cols + if m > 1 { ol * m } else { 0 }, |ws| {
+            T::with_workspace(workspace_len(g, m), |ws| {
                 let (col, tmp) = ws.split_at_mut(ck * cols);
-                for j in 0..m {
-                    let i = first + j;
-                    im2col(g, &x[i * xl..(i + 1) * xl], &mut col[j * l..], cols);
-                }
-                let dy_g = &dy[first * ol..(first + m) * ol];
-                let dy_m = if m == 1 {
-                    dy_g
-                } else {
-                    swap_outer(dy_g, (m, g.o, l), tmp);
-                    &*tmp
-                };
+                group_columns(g, x, first, m, col);
+                let dy_m = group_gradient(g, dy, first, m, tmp);
                 if transposed {
                     let (a, b) = (Mat::rows(col, cols), Mat::transposed(dy_m, cols));
                     gemm_into((ck, g.o, cols), &mut acc, true, a, b, par);
