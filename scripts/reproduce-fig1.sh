@@ -6,8 +6,8 @@
 # Usage: scripts/reproduce-fig1.sh [--quick] [--full] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
 #   --quick          only resnet20 (on CIFAR-10, else the digits, else synthetic 16x16), delta every 4 steps
 #   --full           the paper's epochs on the stand-ins (digits: 140, with its warm-up and decays;
-#                    fortunes: 40; spoken: 80) instead of their configs' hour-sized runs; on the
-#                    digits Fig. 1 runs the 140 epochs without it (both runs fit the hour)
+#                    fortunes: 40; spoken: 80) instead of their configs' hour-sized runs; ResNet-20
+#                    on the digits runs the 140 epochs without it (its two runs fit the hour)
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
 #   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
