@@ -9,6 +9,7 @@ pub mod fault;
 pub mod gpu;
 pub mod info;
 pub mod models;
+pub mod par;
 pub mod plot;
 pub mod profile;
 pub mod report;

@@ -12,6 +12,7 @@ pub mod deepspeech;
 pub mod dropout;
 #[cfg(test)]
 mod every_param_tests;
+mod host_copy;
 pub mod layers;
 pub mod lstm;
 pub mod ptb_lm;
@@ -140,14 +141,9 @@ impl Model {
         for (name, v) in &self.params {
             let n = v.elem_count();
             match grads.get(v.as_tensor()) {
-                Some(g) => {
-                    let g = g.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                    out[off..off + n].copy_from_slice(&g);
-                }
-                None => {
-                    let _ = name;
-                    out[off..off + n].fill(0.0);
-                }
+                Some(g) => host_copy::read_into(g, &mut out[off..off + n])
+                    .with_context(|| format!("the gradient of {name}"))?,
+                None => out[off..off + n].fill(0.0),
             }
             off += n;
         }
@@ -268,26 +264,29 @@ impl Model {
 }
 
 fn flatten(vars: &[(String, Var)]) -> Result<Vec<f32>> {
-    let mut out = Vec::with_capacity(vars.iter().map(|(_, v)| v.elem_count()).sum());
-    for (_, v) in vars {
-        out.extend(v.flatten_all()?.to_vec1::<f32>()?);
+    let mut out = vec![0.0; vars.iter().map(|(_, v)| v.elem_count()).sum()];
+    let mut off = 0;
+    for (name, v) in vars {
+        let n = v.elem_count();
+        host_copy::read_into(v.as_tensor(), &mut out[off..off + n]).with_context(|| format!("reading {name}"))?;
+        off += n;
     }
     Ok(out)
 }
 
 fn set_flat(vars: &[(String, Var)], flat: &[f32]) -> Result<()> {
-    let mut off = 0;
-    for (_, v) in vars {
-        let n = v.elem_count();
-        let t = Tensor::from_slice(&flat[off..off + n], v.shape(), v.device())?;
-        v.set(&t)?;
-        off += n;
-    }
+    let slots: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     anyhow::ensure!(
-        off == flat.len(),
-        "flat vector of {} values for {off} slots",
+        slots == flat.len(),
+        "flat vector of {} values for {slots} slots",
         flat.len()
     );
+    let mut off = 0;
+    for (name, v) in vars {
+        let n = v.elem_count();
+        host_copy::write_from(v, &flat[off..off + n]).with_context(|| format!("writing {name}"))?;
+        off += n;
+    }
     Ok(())
 }
 

@@ -4,12 +4,13 @@
 //! works in place (its accumulator holds the residual on entry); here the two are separate buffers,
 //! so one pass reads both and writes the accumulator.
 
+use crate::par::{self, CHUNK};
 use rayon::prelude::*;
 
 pub fn accumulate(grad: &[f32], residual: Option<&[f32]>, acc: &mut [f32], momentum: Option<(&mut [f32], f32)>) {
     assert_eq!(grad.len(), acc.len(), "accumulate: gradient and accumulator");
     // Element by element, so chunks on the worker's threads give the same bits as one pass.
-    let part = |c: usize, len: usize| c * CHUNK..c * CHUNK + len;
+    let part = par::range;
     let res = |r: std::ops::Range<usize>| residual.map(|v| &v[r]);
     match momentum {
         Some((u, m)) => {
@@ -22,15 +23,12 @@ pub fn accumulate(grad: &[f32], residual: Option<&[f32]>, acc: &mut [f32], momen
                     run(&grad[r.clone()], res(r), a, Some((u, m)))
                 })
         }
-        None => acc.par_chunks_mut(CHUNK).enumerate().for_each(|(c, a)| {
+        None => par::each_indexed_mut(acc, |c, a| {
             let r = part(c, a.len());
             run(&grad[r.clone()], res(r), a, None)
         }),
     }
 }
-
-/// Values per parallel task.
-const CHUNK: usize = 1 << 16;
 
 fn run(grad: &[f32], residual: Option<&[f32]>, acc: &mut [f32], mut momentum: Option<(&mut [f32], f32)>) {
     for (i, a) in acc.iter_mut().enumerate() {

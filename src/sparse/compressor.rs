@@ -10,6 +10,7 @@ use super::reduce::gtopk_reduce;
 use super::set::SparseSet;
 use crate::comm::timed::Timed;
 use crate::comm::Communicator;
+use crate::par;
 use crate::rng::Rng;
 use anyhow::{bail, ensure, Context, Result};
 
@@ -93,7 +94,7 @@ impl Compressor {
             grad.len(),
             update.len()
         );
-        if let Some(p) = grad.iter().position(|v| v.is_nan()) {
+        if let Some(p) = par::first_nan(grad) {
             bail!("compressor: gradient value at index {p} is NaN");
         }
         let ks = match self.cfg.method {
@@ -108,7 +109,7 @@ impl Compressor {
         let mut timed = Timed::new(comm);
         let applied = match self.cfg.method {
             Method::Dense => {
-                update.copy_from_slice(&self.acc);
+                par::copy(update, &self.acc);
                 timed.all_reduce_sum(update)?;
                 Applied::Everything
             }
@@ -129,8 +130,9 @@ impl Compressor {
             self.check_conservation(comm, update, &mut report)?;
         }
         let p = world as f32;
-        for u in update.iter_mut() {
-            *u /= p;
+        // x / 1 is x, bit for bit: one worker skips a pass over d values.
+        if world > 1 {
+            par::each_mut(update, |c| c.iter_mut().for_each(|u| *u /= p));
         }
         if let Some(u) = &mut self.momentum {
             match &applied {
@@ -168,7 +170,10 @@ impl Compressor {
             &mut self.acc,
             self.momentum.as_deref_mut().map(|u| (u, m)),
         );
-        if let Some(p) = self.acc.iter().position(|v| v.is_nan()) {
+        // Only a sum can make a NaN of finite values: without residual or velocity acc is grad,
+        // checked already.
+        let summed = residual.is_some() || self.momentum.is_some();
+        if let Some(p) = summed.then(|| par::first_nan(&self.acc)).flatten() {
             bail!("compressor: accumulator at index {p} is NaN (residual and gradient are opposite infinities)");
         }
         Ok(())
@@ -184,7 +189,7 @@ impl Compressor {
         let wire = self.cfg.wire;
         let sel = self.select(ks)?;
         let pieces = comm.all_gather(&wire.encode(&sel))?;
-        sum.fill(0.0);
+        par::each_mut(sum, |c| c.fill(0.0));
         for (r, piece) in pieces.iter().enumerate() {
             let set = wire
                 .decode(piece, self.layout.d())
@@ -192,7 +197,7 @@ impl Compressor {
                 .with_context(|| format!("top-k all-gather: set of rank {r}"))?;
             set.scatter_add(sum);
         }
-        self.residual.copy_from_slice(&self.acc);
+        par::copy(&mut self.residual, &self.acc);
         for (i, v) in sel.iter() {
             let sent = wire.round(v);
             self.residual[i as usize] = if sent == v { 0.0 } else { v - sent };
@@ -203,9 +208,9 @@ impl Compressor {
     fn gtopk(&mut self, comm: &mut dyn Communicator, ks: &[usize], sum: &mut [f32]) -> Result<Applied> {
         let sel = self.select(ks)?;
         let red = gtopk_reduce(comm, self.cfg.gtopk, sel.clone(), &self.layout, ks, self.cfg.wire)?;
-        sum.fill(0.0);
+        par::each_mut(sum, |c| c.fill(0.0));
         red.global.scatter_add(sum);
-        self.residual.copy_from_slice(&self.acc);
+        par::copy(&mut self.residual, &self.acc);
         let included = included(&sel, &red.global);
         match self.cfg.residual_policy {
             ResidualPolicy::Conserve => {
@@ -230,8 +235,8 @@ impl Compressor {
         let coords = random_selection(&self.layout, ks, &mut rng);
         let mut vals: Vec<f32> = coords.iter().map(|&i| self.acc[i as usize]).collect();
         comm.all_reduce_sum(&mut vals)?;
-        sum.fill(0.0);
-        self.residual.copy_from_slice(&self.acc);
+        par::each_mut(sum, |c| c.fill(0.0));
+        par::copy(&mut self.residual, &self.acc);
         for (&i, &v) in coords.iter().zip(&vals) {
             sum[i as usize] = v;
             self.residual[i as usize] = 0.0;
@@ -297,7 +302,7 @@ impl Compressor {
                 bail!("compressor state has no momentum buffer but momentum_correction is on")
             }
         }
-        if let Some(p) = s.residual.iter().position(|v| v.is_nan()) {
+        if let Some(p) = par::first_nan(&s.residual) {
             bail!("compressor state: residual value at index {p} is NaN");
         }
         self.residual = s.residual;

@@ -49,7 +49,7 @@ impl Engine for HostEngine {
         model.flat_grad(grads, &mut self.grad)?;
         crate::fault::bad_grad(rank, step, &mut self.grad);
         crate::fault::stall(rank, step);
-        Ok(self.grad.iter().all(|g| g.is_finite()))
+        Ok(crate::par::all_finite(&self.grad))
     }
 
     fn aggregate(&mut self, comm: &mut dyn Communicator, density: f64, opts: StepOptions) -> Result<StepReport> {
@@ -57,7 +57,7 @@ impl Engine for HostEngine {
     }
 
     fn update_finite(&self) -> Result<bool> {
-        Ok(self.update.iter().all(|u| u.is_finite()))
+        Ok(crate::par::all_finite(&self.update))
     }
 
     fn apply(&mut self, model: &Model, lr: f32, clip: f32) -> Result<()> {

@@ -1,6 +1,7 @@
 //! SGD with momentum, dampening, Nesterov and weight decay, with PyTorch's semantics (torch.optim.SGD),
 //! over the flat parameter vector. candle-nn's SGD has none of these.
 
+use crate::par::CHUNK;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -52,10 +53,6 @@ impl Sgd {
         });
     }
 }
-
-/// Values per parallel task of the update: large enough to amortise a task, small enough that
-/// VGG-16's 15M parameters spread over every thread.
-const CHUNK: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {

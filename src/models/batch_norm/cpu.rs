@@ -37,6 +37,8 @@ pub trait Float:
     fn to_f64(self) -> f64;
     fn from_f64(v: f64) -> Self;
     fn max_zero(self) -> Self;
+    /// The ReLU's backward: `self` (a gradient) where `y` (its output) is positive, else 0.
+    fn where_positive(self, y: Self) -> Self;
 }
 
 macro_rules! float {
@@ -50,6 +52,14 @@ macro_rules! float {
             }
             fn max_zero(self) -> Self {
                 self.max(0.0)
+            }
+            #[inline(always)]
+            fn where_positive(self, y: Self) -> Self {
+                if y > 0.0 {
+                    self
+                } else {
+                    0.0
+                }
             }
         }
     };
@@ -235,14 +245,32 @@ pub(in crate::models) fn backward<T: Float>(
     eps: f64,
     relu: bool,
 ) -> Vec<T> {
+    // Two loops each, so that the ReLU's gate is a select inside a vectorised loop: as one loop
+    // with a run-time test it was a branch on random signs, 2.5x slower (ResNet-20 at 128).
+    if relu {
+        backward_gated::<T, true>(d, x, dy, y, w, stats, eps)
+    } else {
+        backward_gated::<T, false>(d, x, dy, y, w, stats, eps)
+    }
+}
+
+fn backward_gated<T: Float, const RELU: bool>(
+    d: Dims,
+    x: &[T],
+    dy: &[T],
+    y: &[T],
+    w: &[f64],
+    stats: &Stats,
+    eps: f64,
+) -> Vec<T> {
     let inv = inv_std(stats, eps);
-    let pass = |yv: T| !relu || yv.to_f64() > 0.0;
+    let gate = |g: T, y: &[T], j: usize| if RELU { g.where_positive(y[j]) } else { g };
     let sums = channel_sums(d, |c, r| {
         let (xs, gs, ys, mean) = (&x[r.clone()], &dy[r.clone()], &y[r], stats.mean[c]);
         // The same length as xs, so that the compiler drops the bounds checks and vectorises.
         let (gs, ys) = (&gs[..xs.len()], &ys[..xs.len()]);
         lane_sums(xs.len(), |j| {
-            let g = if pass(ys[j]) { gs[j].to_f64() } else { 0.0 };
+            let g = gate(gs[j], ys, j).to_f64();
             (g, g * (xs[j].to_f64() - mean))
         })
     });
@@ -261,9 +289,10 @@ pub(in crate::models) fn backward<T: Float>(
     // Room for dweight and dbias, so that appending them does not copy dx.
     let mut out = map_blocks(d, 2 * d.c, |c, r, out| {
         let [a, b, e] = coef[c].2;
-        for (((o, &xv), &gv), &yv) in out.iter_mut().zip(&x[r.clone()]).zip(&dy[r.clone()]).zip(&y[r]) {
-            let g = if pass(yv) { gv } else { T::from_f64(0.0) };
-            *o = a * g + b * xv + e;
+        let (xs, gs, ys) = (&x[r.clone()], &dy[r.clone()], &y[r]);
+        let (gs, ys) = (&gs[..xs.len()], &ys[..xs.len()]);
+        for (j, (o, &xv)) in out.iter_mut().zip(xs).enumerate() {
+            *o = a * gate(gs[j], ys, j) + b * xv + e;
         }
     });
     out.extend(coef.iter().map(|k| T::from_f64(k.1)));
