@@ -5,6 +5,7 @@
 
 use super::builder::{Builder, Init};
 use super::dropout::dropout;
+use super::lstm_fused;
 use crate::rng::Rng;
 use candle_core::{Result, Tensor, D};
 
@@ -77,22 +78,12 @@ impl Lstm {
                 .matmul(&layer.w_ih.t()?)?
                 .broadcast_add(&bias)?
                 .reshape((t_len, batch, 4 * self.hidden))?;
-            let w_hh_t = layer.w_hh.t()?;
-            let mut h = state.h.get(k)?;
-            let mut c = state.c.get(k)?;
-            let mut outs = Vec::with_capacity(t_len);
-            for t in 0..t_len {
-                let gates = (xw.get(t)? + h.matmul(&w_hh_t)?)?;
-                let chunks = gates.chunk(4, D::Minus1)?;
-                let i = candle_nn::ops::sigmoid(&chunks[0])?;
-                let f = candle_nn::ops::sigmoid(&chunks[1])?;
-                let g = chunks[2].tanh()?;
-                let o = candle_nn::ops::sigmoid(&chunks[3])?;
-                c = ((f * &c)? + (i * g)?)?;
-                h = (o * c.tanh()?)?;
-                outs.push(h.clone());
-            }
-            input = Tensor::stack(&outs, 0)?;
+            let (h0, c0) = (state.h.get(k)?, state.c.get(k)?);
+            let (out, h, c) = match lstm_fused::layer(&xw, &layer.w_hh, &h0, &c0)? {
+                Some(fused) => fused,
+                None => time_loop(&xw, &layer.w_hh, h0, c0)?,
+            };
+            input = out;
             hs.push(h);
             cs.push(c);
         }
@@ -104,6 +95,25 @@ impl Lstm {
             },
         ))
     }
+}
+
+/// The time loop of candle ops, where the fused op does not run (off the CPU): `xw` [T, B, 4H],
+/// `w_hh` [4H, H], the state [B, H]; the outputs [T, B, H] and the final (h, c).
+fn time_loop(xw: &Tensor, w_hh: &Tensor, mut h: Tensor, mut c: Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let w_hh_t = w_hh.t()?;
+    let mut outs = Vec::with_capacity(xw.dim(0)?);
+    for t in 0..xw.dim(0)? {
+        let gates = (xw.get(t)? + h.matmul(&w_hh_t)?)?;
+        let chunks = gates.chunk(4, D::Minus1)?;
+        let i = candle_nn::ops::sigmoid(&chunks[0])?;
+        let f = candle_nn::ops::sigmoid(&chunks[1])?;
+        let g = chunks[2].tanh()?;
+        let o = candle_nn::ops::sigmoid(&chunks[3])?;
+        c = ((f * &c)? + (i * g)?)?;
+        h = (o * c.tanh()?)?;
+        outs.push(h.clone());
+    }
+    Ok((Tensor::stack(&outs, 0)?, h, c))
 }
 
 #[cfg(test)]
@@ -190,6 +200,58 @@ mod tests {
                 "x[{i}]: autograd {} vs fd {fd}",
                 g[i]
             );
+        }
+    }
+
+    /// The fused op and the loop of candle ops on random shapes (T = 1 included, B and H not
+    /// multiples of a vector): outputs and final state to the bit, the gradients of the projection,
+    /// the recurrent weight and both initial states to rounding.
+    #[test]
+    fn fused_time_loop_matches_the_candle_ops() {
+        let mut rng = crate::rng::Rng::new(11);
+        for (t_len, batch, hidden) in [(1, 1, 1), (5, 3, 7), (9, 2, 17), (4, 20, 33)] {
+            let mut var = |dims: &[usize], scale: f32| {
+                let n = dims.iter().product::<usize>();
+                let v: Vec<f32> = (0..n).map(|_| rng.normal() * scale).collect();
+                Var::from_vec(v, dims, &Device::Cpu).unwrap()
+            };
+            let xw = var(&[t_len, batch, 4 * hidden], 1.0);
+            let w = var(&[4 * hidden, hidden], 0.5);
+            let (h0, c0) = (var(&[batch, hidden], 1.0), var(&[batch, hidden], 1.0));
+            let r = var(&[t_len, batch, hidden], 1.0);
+            let (rh, rc) = (var(&[batch, hidden], 1.0), var(&[batch, hidden], 1.0));
+            let run = |fused: bool| {
+                let (xt, wt, ht, ct) = (xw.as_tensor(), w.as_tensor(), h0.as_tensor(), c0.as_tensor());
+                let (out, h, c) = if fused {
+                    lstm_fused::layer(xt, wt, ht, ct)
+                        .unwrap()
+                        .expect("the fused op applies")
+                } else {
+                    time_loop(xt, wt, ht.clone(), ct.clone()).unwrap()
+                };
+                let loss = [(&out, r.as_tensor()), (&h, rh.as_tensor()), (&c, rc.as_tensor())]
+                    .into_iter()
+                    .map(|(a, b)| (a * b).unwrap().sum_all().unwrap())
+                    .reduce(|a, b| (a + b).unwrap())
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let grads: Vec<Vec<f32>> = [&xw, &w, &h0, &c0]
+                    .iter()
+                    .map(|v| flat(g.get(v.as_tensor()).unwrap()))
+                    .collect();
+                ([flat(&out), flat(&h), flat(&c)], grads)
+            };
+            let ((fo, fg), (co, cg)) = (run(true), run(false));
+            assert_eq!(fo, co, "outputs, T {t_len} B {batch} H {hidden}");
+            for (k, (a, b)) in fg.iter().zip(&cg).enumerate() {
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                        "gradient {k}: {x} vs {y}, T {t_len} B {batch} H {hidden}"
+                    );
+                }
+            }
         }
     }
 

@@ -15,6 +15,8 @@ mod every_param_tests;
 mod host_copy;
 pub mod layers;
 pub mod lstm;
+mod lstm_fused;
+mod matrix;
 pub mod ptb_lm;
 pub mod resnet20;
 pub mod vgg16;
