@@ -86,6 +86,8 @@ fn mpi_ranks_match_in_process_workers_bit_for_bit() {
 }
 
 /// MPI's own all-reduce adds in its own order: the same training to rounding, not to the bit.
+/// Four steps: on this tiny, noisy job (4 samples a worker under BatchNorm) the loss jumps at the
+/// sixth step and magnifies a 1e-7 difference to 1e-3, which says nothing about the all-reduce.
 #[test]
 fn native_all_reduce_trains_as_the_ring_does_to_rounding() {
     let dir = tempfile::tempdir().unwrap();
@@ -95,6 +97,7 @@ fn native_all_reduce_trains_as_the_ring_does_to_rounding() {
         "dist.workers=4",
         "train.batch_size=16",
         "train.epochs=1",
+        "train.max_steps=4",
         "dist.backend=mpi",
     ];
     let ring = dir.path().join("ring");
@@ -118,7 +121,7 @@ fn native_all_reduce_trains_as_the_ring_does_to_rounding() {
     let (a, b) = (loss(&ring), loss(&native));
     assert!(!a.is_empty() && a.len() == b.len(), "{a:?} vs {b:?}");
     for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-3 * x.abs().max(1.0), "ring {a:?} vs native {b:?}");
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "ring {a:?} vs native {b:?}");
     }
 }
 
