@@ -131,10 +131,7 @@ fn typed<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
 
 /// A CPU tensor's storage, or an error naming `what`.
 fn cpu<'a>(s: &'a Storage, what: &str) -> Result<&'a CpuStorage> {
-    match s {
-        Storage::Cpu(c) => Ok(c),
-        _ => bail!("conv+bn backward: the {what} is not on the CPU"),
-    }
+    crate::models::cpu_buffers::cpu_storage(s, "conv+bn backward", what)
 }
 
 impl CustomOp3 for Train {

@@ -1,7 +1,7 @@
-//! The buffers of the models' CPU custom ops: an operand's values as a slice, and a fresh output
-//! written in parallel.
+//! The buffers of the models' CPU custom ops: an operand's storage and values as a slice, and a
+//! fresh output written in parallel.
 
-use candle_core::{bail, Layout, Result};
+use candle_core::{bail, CpuStorage, Layout, Result, Storage};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -11,6 +11,14 @@ pub fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str, what: &str) -> Result
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
         None => bail!("{op}: the {what} is not contiguous"),
+    }
+}
+
+/// A tensor's CPU storage, or an error naming custom op `op` and its operand `what`.
+pub fn cpu_storage<'a>(s: &'a Storage, op: &str, what: &str) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(c) => Ok(c),
+        _ => bail!("{op}: the {what} is not on the CPU"),
     }
 }
 

@@ -11,10 +11,9 @@
 //! c = f c + i g, h = o tanh(c)); the backward sums in another order than candle's autograd, so
 //! gradients agree to rounding (tested against the composed layer and PyTorch).
 
-use super::matrix::{gemm_into, Mat};
+use super::matrix::{gemm_into, pool_parallelism, Mat};
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// The layer over all T steps: `xw` [T, B, 4H] (the input projection with both biases, gates in
@@ -81,17 +80,14 @@ fn values<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// A CPU tensor's storage, or an error naming `what`.
+fn cpu<'a>(s: &'a Storage, what: &str) -> Result<&'a CpuStorage> {
+    crate::models::cpu_buffers::cpu_storage(s, "lstm layer backward", what)
+}
+
 /// candle-nn's sigmoid, to the bit.
 fn sigmoid(v: f32) -> f32 {
     ((-v).exp() + 1.0).recip()
-}
-
-/// The GEMMs are small (B rows): threads only where the pool has more than one.
-fn parallelism() -> Parallelism {
-    match rayon::current_num_threads() {
-        1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
 }
 
 /// The forward: the output [T + 1, B, H] and what the backward keeps.
@@ -112,7 +108,7 @@ fn forward(d: Dims, xw: &[f32], w: &[f32], s0: &[f32]) -> (Vec<f32>, Saved) {
             false,
             Mat::rows(h_prev, h),
             Mat::transposed(w, h),
-            parallelism(),
+            pool_parallelism(),
         );
         let (c_done, c_rest) = cells.split_at_mut(t * n);
         let c_prev = if t == 0 { c0 } else { &c_done[(t - 1) * n..] };
@@ -185,12 +181,12 @@ fn backward(
             false,
             Mat::rows(dz_t, 4 * h),
             Mat::rows(w, h),
-            parallelism(),
+            pool_parallelism(),
         );
     }
     // dW_hh = sum over t of dz_t^T h_{t-1}: h_0 from the state, h_1 .. h_{T-1} from the output.
     let mut dw = vec![0.0f32; 4 * h * h];
-    let par = parallelism();
+    let par = pool_parallelism();
     gemm_into(
         (4 * h, h, d.b),
         &mut dw,
@@ -253,8 +249,18 @@ impl CustomOp3 for Layer {
         };
         let d = Dims::of(xw.dims(), w.dims(), s0.dims())?;
         let dout = dout.contiguous()?;
-        let read = |t: &Tensor| -> Result<Vec<f32>> { t.flatten_all()?.to_vec1::<f32>() };
-        let (dxw, dw, ds0) = backward(d, &read(w)?, &read(s0)?, &read(out)?, saved, &read(&dout)?);
+        let (ws, lw) = w.storage_and_layout();
+        let (ss, ls) = s0.storage_and_layout();
+        let (os, lo) = out.storage_and_layout();
+        let (ds, ld) = dout.storage_and_layout();
+        let (dxw, dw, ds0) = backward(
+            d,
+            values(cpu(&ws, "recurrent weight")?, lw, "recurrent weight")?,
+            values(cpu(&ss, "initial state")?, ls, "initial state")?,
+            values(cpu(&os, "output")?, lo, "output")?,
+            saved,
+            values(cpu(&ds, "output gradient")?, ld, "output gradient")?,
+        );
         let cpu = &candle_core::Device::Cpu;
         Ok((
             Some(Tensor::from_vec(dxw, xw.shape(), cpu)?),

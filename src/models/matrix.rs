@@ -79,3 +79,12 @@ pub(in crate::models) fn gemm_into<T: Elem>(
         )
     }
 }
+
+/// A GEMM's threading when it runs alone: every thread of the current rayon pool (a worker's own
+/// pool in training), none where the pool has one.
+pub(in crate::models) fn pool_parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}

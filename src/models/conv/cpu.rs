@@ -11,7 +11,7 @@
 use super::geometry::{ConvParams, Geometry};
 use super::im2col::{col2im, im2col};
 use super::workspace::Elem;
-use crate::models::matrix::{gemm_into, Mat};
+use crate::models::matrix::{gemm_into, pool_parallelism, Mat};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -50,9 +50,8 @@ impl Groups {
 
 /// GEMM threading when the groups themselves do not fill the pool.
 fn inner_parallelism(parallel_groups: usize) -> Parallelism {
-    let t = rayon::current_num_threads();
-    if parallel_groups == 1 && t > 1 {
-        Parallelism::Rayon(t)
+    if parallel_groups == 1 {
+        pool_parallelism()
     } else {
         Parallelism::None
     }
