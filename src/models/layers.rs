@@ -49,6 +49,16 @@ impl Conv2d {
 }
 
 impl Conv2d {
+    /// This convolution and `bn`, as one half of a fused ResNet block; `None` with a bias, which
+    /// the block op does not take.
+    pub(in crate::models) fn half<'a>(&'a self, bn: &'a BatchNorm) -> Option<super::basic_block::Half<'a>> {
+        self.bias.is_none().then_some(super::basic_block::Half {
+            kernel: &self.weight,
+            params: self.params,
+            bn,
+        })
+    }
+
     /// This convolution, then `bn`, then a ReLU if `relu`: one op each way where `conv_bn` fuses
     /// them (CPU training), the layers one by one otherwise.
     pub fn forward_bn(&self, x: &Tensor, bn: &BatchNorm, train: bool, relu: bool) -> Result<Tensor> {

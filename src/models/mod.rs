@@ -2,6 +2,7 @@
 //! gradient layout that every worker shares; BN running statistics are buffers, kept out of it.
 
 pub mod add_relu;
+mod basic_block;
 pub mod batch_norm;
 pub mod builder;
 pub mod conv;

@@ -3,6 +3,7 @@
 //! BN weight 1 / bias 0, classifier Kaiming-normal with zero bias. About 0.27M parameters.
 
 use super::add_relu::add_relu;
+use super::basic_block::{self, Shortcut};
 use super::batch_norm::BatchNorm;
 use super::builder::{Builder, Init};
 use super::layers::{Conv2d, Linear};
@@ -36,14 +37,35 @@ impl BasicBlock {
         })
     }
 
+    /// One op each way where `basic_block` fuses the block (CPU training), the layers apart
+    /// otherwise.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(out) = self.forward_fused(x, train)? {
+            return Ok(out);
+        }
+        self.forward_apart(x, train)
+    }
+
+    fn forward_fused(&self, x: &Tensor, train: bool) -> Result<Option<Tensor>> {
+        let Some((a, b)) = self.conv_a.half(&self.bn_a).zip(self.conv_b.half(&self.bn_b)) else {
+            return Ok(None);
+        };
+        let shortcut = match self.downsample {
+            None => Shortcut::Identity,
+            Some(extra) => Shortcut::Subsample { extra },
+        };
+        basic_block::fused(x, a, b, shortcut, train)
+    }
+
+    fn forward_apart(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv_a.forward_bn(x, &self.bn_a, train, true)?;
         let y = self.conv_b.forward_bn(&y, &self.bn_b, train, false)?;
         let shortcut = match self.downsample {
             None => x.clone(),
             Some(extra) => {
                 let sub = subsample2(x)?;
-                let zeros = sub.narrow(1, 0, extra)?.zeros_like()?;
+                let (n, _, h, w) = sub.dims4()?;
+                let zeros = Tensor::zeros((n, extra, h, w), sub.dtype(), sub.device())?;
                 Tensor::cat(&[&sub, &zeros], 1)?
             }
         };
@@ -111,5 +133,129 @@ impl ResNet20 {
         }
         let pooled = y.mean(3)?.mean(2)?;
         self.classifier.forward(&pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::layers::Conv2d;
+    use crate::rng::Rng;
+    use candle_core::{DType, Device, Var};
+    use candle_nn::VarMap;
+
+    const NAMES: [&str; 6] = [
+        "conv_a.weight",
+        "bn_a.weight",
+        "bn_a.bias",
+        "conv_b.weight",
+        "bn_b.weight",
+        "bn_b.bias",
+    ];
+
+    /// Output, dx, every parameter's gradient and both running statistics of loss = sum(out * r)
+    /// for a block built afresh from seed 7, fused or apart.
+    fn run(x: &Tensor, r: &Tensor, cout: usize, stride: usize, fused: bool) -> Vec<(String, Vec<f64>)> {
+        let vm = VarMap::new();
+        let block = BasicBlock::new(&Builder::new(&vm, 7, &Device::Cpu), x.dim(1).unwrap(), cout, stride).unwrap();
+        let vars = vm.data().lock().unwrap().clone();
+        // BatchNorm weights and biases away from 1 and 0, so that their gradients and the scale matter.
+        let mut rng = Rng::new(3);
+        for name in ["bn_a.weight", "bn_a.bias", "bn_b.weight", "bn_b.bias"] {
+            let v: Vec<f32> = (0..cout).map(|_| rng.normal() * 0.5 + 0.3).collect();
+            vars[name].set(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+        }
+        let xv = Var::from_tensor(x).unwrap();
+        let out = if fused {
+            block
+                .forward_fused(xv.as_tensor(), true)
+                .unwrap()
+                .expect("the block fuses")
+        } else {
+            block.forward_apart(xv.as_tensor(), true).unwrap()
+        };
+        let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let mut got = vec![
+            ("output".to_string(), flat(&out)),
+            ("dx".to_string(), flat(grads.get(xv.as_tensor()).expect("dx"))),
+        ];
+        for name in NAMES {
+            got.push((
+                format!("d {name}"),
+                flat(grads.get(vars[name].as_tensor()).expect(name)),
+            ));
+        }
+        for name in [
+            "bn_a.running_mean",
+            "bn_a.running_var",
+            "bn_b.running_mean",
+            "bn_b.running_var",
+        ] {
+            got.push((name.to_string(), flat(vars[name].as_tensor())));
+        }
+        got
+    }
+
+    /// The fused block runs the passes of the layers apart in their order, and candle's
+    /// zero-then-add accumulation between them is exact: equal results, bit for bit (up to the
+    /// sign of zeros, which `==` does not see).
+    #[test]
+    fn fused_block_matches_the_layers_apart() {
+        let mut rng = Rng::new(11);
+        // (input, output channels, stride): identity shortcuts, option-A ones with extra zero
+        // channels, batch 1, odd channel counts, non-square maps.
+        let cases = [
+            ([2, 3, 6, 6], 3, 1),
+            ([1, 5, 4, 6], 5, 1),
+            ([3, 2, 8, 6], 5, 2),
+            ([2, 16, 4, 4], 17, 2),
+        ];
+        for (xs, cout, stride) in cases {
+            let n: usize = xs.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.normal() * 1.5 + 0.2).collect();
+            let x = Tensor::from_vec(v, &xs, &Device::Cpu).unwrap();
+            let out = (xs[0], cout, xs[2] / stride, xs[3] / stride);
+            let rv: Vec<f32> = (0..out.0 * out.1 * out.2 * out.3).map(|_| rng.normal()).collect();
+            let r = Tensor::from_vec(rv, out, &Device::Cpu).unwrap();
+            let want = run(&x, &r, cout, stride, false);
+            let got = run(&x, &r, cout, stride, true);
+            assert_eq!(got.len(), want.len());
+            for ((name, g), (_, w)) in got.iter().zip(&want) {
+                assert!(g.iter().all(|v| v.is_finite()) && g.iter().any(|&v| v != 0.0), "{name}");
+                assert_eq!(g, w, "{xs:?} -> {cout} stride {stride}: {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn evaluation_runs_apart_and_a_bad_shortcut_is_an_error() {
+        let vm = VarMap::new();
+        let b = Builder::new(&vm, 7, &Device::Cpu);
+        let block = BasicBlock::new(&b.pp("block"), 3, 4, 1).unwrap();
+        let (a, h) = (
+            block.conv_a.half(&block.bn_a).unwrap(),
+            block.conv_b.half(&block.bn_b).unwrap(),
+        );
+        let x = Tensor::ones((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let eval = basic_block::fused(&x, a, h, Shortcut::Subsample { extra: 1 }, false).unwrap();
+        assert!(eval.is_none(), "evaluation runs apart");
+        // The block keeps the map size and widens 3 -> 4: no shortcut of the input fits.
+        for bad in [Shortcut::Identity, Shortcut::Subsample { extra: 1 }] {
+            let e = basic_block::fused(&x, a, h, bad, true).unwrap_err().to_string();
+            assert!(e.contains("does not fit") && e.contains("shortcut"), "{e}");
+        }
+        let biased = Conv2d::new(&b.pp("c"), 3, 4, 3, 1, 1, Init::Const(0.1), Some(Init::Const(0.0))).unwrap();
+        assert!(
+            biased.half(&block.bn_a).is_none(),
+            "a convolution with a bias does not fuse"
+        );
     }
 }
