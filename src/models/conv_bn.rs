@@ -302,14 +302,7 @@ mod tests {
             }
         };
         let grads = (&z * r).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
+        let flat = crate::models::conv::tests::flat;
         let mut out = vec![flat(&z), flat(grads.get(xv.as_tensor()).expect("dx"))];
         for name in ["conv.weight", "bn.weight", "bn.bias"] {
             out.push(flat(grads.get(vars[name].as_tensor()).expect(name)));

@@ -175,14 +175,7 @@ mod tests {
             block.forward_apart(xv.as_tensor(), true).unwrap()
         };
         let grads = (&out * r).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
+        let flat = crate::models::conv::tests::flat;
         let mut got = vec![
             ("output".to_string(), flat(&out)),
             ("dx".to_string(), flat(grads.get(xv.as_tensor()).expect("dx"))),

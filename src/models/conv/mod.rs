@@ -20,7 +20,7 @@ mod library;
 mod workspace;
 
 #[cfg(test)]
-mod tests;
+pub(in crate::models) mod tests;
 
 /// The CPU passes on plain slices, for ops that fuse a convolution with what follows it.
 pub(in crate::models) use cpu::{forward as cpu_forward, input_grad as cpu_input_grad, weight_grad as cpu_weight_grad};

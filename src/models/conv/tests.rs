@@ -61,7 +61,8 @@ fn random(shape: [usize; 4], dtype: DType, r: &mut Rng) -> Tensor {
         .unwrap()
 }
 
-fn flat(t: &Tensor) -> Vec<f64> {
+/// A tensor's values as f64, flattened (the models' tests compare these).
+pub(in crate::models) fn flat(t: &Tensor) -> Vec<f64> {
     t.flatten_all()
         .unwrap()
         .to_dtype(DType::F64)
