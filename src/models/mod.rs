@@ -8,6 +8,7 @@ pub mod builder;
 pub mod conv;
 pub mod conv_bn;
 mod cpu_buffers;
+pub mod cross_entropy;
 pub mod ctc;
 pub mod deepspeech;
 pub mod dropout;

@@ -127,7 +127,7 @@ pub fn make(data: &Dataset, augment: bool, seq_len: usize, eval: &EvalConfig) ->
 
 /// Mean cross-entropy of logits [n, classes] against labels [n], and its sums.
 fn scored(logits: &Tensor, y: &Tensor) -> Result<(Tensor, Stats)> {
-    let loss = candle_nn::loss::cross_entropy(logits, y)?;
+    let loss = crate::models::cross_entropy::cross_entropy(logits, y)?;
     let n = y.elem_count() as f64;
     let correct = logits
         .argmax(1)?

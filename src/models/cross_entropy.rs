@@ -1,0 +1,220 @@
+//! Mean cross-entropy of logits [n, classes] against class labels [n], as one CPU op each way.
+//!
+//! candle_nn's is a log-softmax and a gather: about ten logits-sized passes each way, and in the
+//! backward every one of them also gets a fresh zero tensor to add its gradient into, on one
+//! thread. For the language model's logits (700 rows of the vocabulary a step) that was about a
+//! tenth of the step. Here the forward is one pass over each row (its log-sum-exp kept for the
+//! backward) and the backward one: dlogits = (softmax - onehot(label)) * dloss / n. Sums are in
+//! f64, per row in a fixed order, so the loss does not depend on the thread count.
+
+use super::cpu_buffers::{contiguous, filled};
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+const OP: &str = "cross-entropy";
+
+/// The mean over rows of -log softmax(logits)[label]: fused on the CPU for f32 and f64 logits,
+/// candle_nn's composition elsewhere.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let fused = logits.device().is_cpu()
+        && labels.device().is_cpu()
+        && matches!(logits.dtype(), DType::F32 | DType::F64)
+        && matches!(labels.dtype(), DType::U8 | DType::U32 | DType::I64);
+    if !fused {
+        return candle_nn::loss::cross_entropy(logits, labels);
+    }
+    let (rows, classes) = match *logits.dims() {
+        [r, c] => (r, c),
+        ref d => bail!("{OP}: logits of shape {d:?}, expected [rows, classes]"),
+    };
+    if labels.dims() != [rows] {
+        bail!("{OP}: labels of shape {:?} for {rows} rows of logits", labels.dims());
+    }
+    if rows == 0 || classes == 0 {
+        bail!("{OP}: empty logits {:?}", logits.dims());
+    }
+    let labels: Vec<i64> = match labels.dtype() {
+        DType::I64 => labels.to_vec1::<i64>()?,
+        _ => labels
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+    };
+    if let Some((row, label)) = labels.iter().enumerate().find(|(_, &l)| l < 0 || l >= classes as i64) {
+        bail!("{OP}: label {label} of row {row} is out of range for {classes} classes");
+    }
+    let op = Fused {
+        classes,
+        labels: labels.into_iter().map(|l| l as usize).collect(),
+        lse: Mutex::new(Vec::new()),
+    };
+    // The labels are not a tensor operand: they get no gradient, and the op reads them as indices.
+    logits.contiguous()?.apply_op1(op)
+}
+
+struct Fused {
+    classes: usize,
+    labels: Vec<usize>,
+    /// Each row's log-sum-exp, left by the forward for the backward.
+    lse: Mutex<Vec<f64>>,
+}
+
+/// Per row: log sum exp(x) and its loss, log sum exp(x) - x[label].
+fn rows_forward<T: Copy + Into<f64> + Sync>(x: &[T], classes: usize, labels: &[usize]) -> (Vec<f64>, f64) {
+    let lse: Vec<f64> = x
+        .par_chunks(classes)
+        .map(|row| {
+            let m = row.iter().map(|&v| v.into()).fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = row.iter().map(|&v| (v.into() - m).exp()).sum();
+            m + s.ln()
+        })
+        .collect();
+    let total: f64 = lse
+        .iter()
+        .zip(labels)
+        .enumerate()
+        .map(|(i, (&l, &y))| l - x[i * classes + y].into())
+        .sum();
+    (lse, total / labels.len() as f64)
+}
+
+impl CustomOp1 for Fused {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (lse, loss) = match s {
+            CpuStorage::F32(v) => rows_forward(contiguous(v, l, OP, "logits")?, self.classes, &self.labels),
+            CpuStorage::F64(v) => rows_forward(contiguous(v, l, OP, "logits")?, self.classes, &self.labels),
+            _ => bail!("{OP}: {:?} logits, expected f32 or f64", s.dtype()),
+        };
+        *self.lse.lock().expect("cross-entropy state") = lse;
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(vec![loss as f32]),
+            _ => CpuStorage::F64(vec![loss]),
+        };
+        Ok((out, Shape::from(())))
+    }
+
+    fn bwd(&self, logits: &Tensor, _loss: &Tensor, dloss: &Tensor) -> Result<Option<Tensor>> {
+        let g = dloss.to_dtype(DType::F64)?.to_scalar::<f64>()? / self.labels.len() as f64;
+        let lse = self.lse.lock().expect("cross-entropy state");
+        if lse.len() != self.labels.len() {
+            bail!("{OP}: backward before its forward ran");
+        }
+        let (s, l) = logits.storage_and_layout();
+        let cpu = super::cpu_buffers::cpu_storage(&s, OP, "logits")?;
+        let grad = match cpu {
+            CpuStorage::F32(v) => {
+                let x = contiguous(v, l, OP, "logits")?;
+                let d = self.rows_backward(x, &lse, g, |v| v as f64, |v| v as f32);
+                Tensor::from_vec(d, logits.shape(), logits.device())?
+            }
+            CpuStorage::F64(v) => {
+                let x = contiguous(v, l, OP, "logits")?;
+                let d = self.rows_backward(x, &lse, g, |v| v, |v| v);
+                Tensor::from_vec(d, logits.shape(), logits.device())?
+            }
+            _ => bail!("{OP} backward: {:?} logits", cpu.dtype()),
+        };
+        Ok(Some(grad))
+    }
+}
+
+impl Fused {
+    /// dlogits = g (softmax(x) - onehot(label)), row by row.
+    fn rows_backward<T: Copy + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        lse: &[f64],
+        g: f64,
+        wide: impl Fn(T) -> f64 + Sync,
+        narrow: impl Fn(f64) -> T + Sync,
+    ) -> Vec<T> {
+        let c = self.classes;
+        filled(x.len(), 0, c, |i, out| {
+            let row = &x[i * c..(i + 1) * c];
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = narrow(g * (wide(v) - lse[i]).exp());
+            }
+            let y = self.labels[i];
+            out[y] = narrow(g * ((wide(row[y]) - lse[i]).exp() - 1.0));
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::conv::tests::flat;
+    use crate::rng::Rng;
+    use candle_core::{Device, Var};
+
+    /// Loss and logits gradient against candle_nn's log-softmax + gather, on random logits with a
+    /// wide range (so that the max shift matters), f32 and f64, one row, one class, labels at both
+    /// ends, and u32 and i64 labels.
+    #[test]
+    fn matches_candle_nn() {
+        let mut rng = Rng::new(9);
+        for (rows, classes) in [(1, 1), (1, 7), (5, 3), (37, 10), (64, 1000)] {
+            for dtype in [DType::F32, DType::F64] {
+                let v: Vec<f32> = (0..rows * classes).map(|_| rng.normal() * 8.0).collect();
+                let x = Tensor::from_vec(v, (rows, classes), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let mut labels: Vec<u32> = (0..rows).map(|_| rng.below(classes as u64) as u32).collect();
+                labels[0] = classes as u32 - 1;
+                let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+                let xv = Var::from_tensor(&x).unwrap();
+                let r = (rng.normal() + 2.0) as f64; // dloss other than 1
+                let run = |fused: bool, y: &Tensor| {
+                    let loss = if fused {
+                        cross_entropy(xv.as_tensor(), y).unwrap()
+                    } else {
+                        candle_nn::loss::cross_entropy(xv.as_tensor(), y).unwrap()
+                    };
+                    let grads = (&loss * r).unwrap().backward().unwrap();
+                    (flat(&loss)[0], flat(grads.get(xv.as_tensor()).unwrap()))
+                };
+                let (want, dwant) = run(false, &y);
+                let tol = if dtype == DType::F32 { 2e-6 } else { 1e-12 };
+                let y64 = y.to_dtype(DType::I64).unwrap();
+                for y in [&y, &y64] {
+                    let (got, dgot) = run(true, y);
+                    assert!(
+                        (got - want).abs() <= tol * want.abs().max(1.0),
+                        "{rows}x{classes} {dtype:?}: {got} vs {want}"
+                    );
+                    for (a, b) in dgot.iter().zip(&dwant) {
+                        assert!(
+                            (a - b).abs() <= tol * r,
+                            "{rows}x{classes} {dtype:?}: gradient {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_labels_and_shapes_are_errors() {
+        let x = Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap();
+        let e = cross_entropy(&x, &Tensor::new(&[0u32, 4, 1], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(
+            e.to_string().contains("label 4 of row 1 is out of range for 4 classes"),
+            "{e}"
+        );
+        let e = cross_entropy(&x, &Tensor::new(&[0i64, -1, 1], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("of row 1 is out of range"), "{e}");
+        let e = cross_entropy(&x, &Tensor::new(&[0u32, 1], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("labels of shape [2] for 3 rows"), "{e}");
+        let e = cross_entropy(&x.flatten_all().unwrap(), &Tensor::new(&[0u32], &Device::Cpu).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("expected [rows, classes]"), "{e}");
+    }
+}
