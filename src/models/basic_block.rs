@@ -136,13 +136,14 @@ impl Plan {
         })
     }
 
-    /// The input plane of output plane (sample, channel), if it has one (not a zero channel), and
-    /// the position in that input plane of output position `k`.
+    /// The input plane (sample, channel) that output plane `plane` adds, if any (a zero channel
+    /// of option A adds none).
     fn source(&self, plane: usize) -> Option<usize> {
         let (c, cin) = (plane % self.gb.o, self.ga.c);
         (c < cin).then_some(plane / self.gb.o * cin + c)
     }
 
+    /// The position in its input plane that output position `k` of a plane adds.
     fn at(&self, k: usize) -> usize {
         match self.shortcut {
             Shortcut::Identity => k,
