@@ -11,7 +11,7 @@
 
 use super::batch_norm::{self, BatchNorm, Dims, Float, Stats};
 use super::conv::{self, ConvParams, Elem, Geometry};
-use super::cpu_buffers::{contiguous, cpu_storage};
+use super::cpu_buffers::cpu_storage;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -183,7 +183,7 @@ impl Plan {
 }
 
 fn typed<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    contiguous(T::cpu_storage_as_slice(s)?, l, OP, what)
+    super::cpu_buffers::typed(s, l, OP, what)
 }
 
 impl Block {

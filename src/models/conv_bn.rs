@@ -64,10 +64,6 @@ struct Train {
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
-fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    crate::models::cpu_buffers::contiguous(v, l, "conv+bn", what)
-}
-
 /// The shapes of both halves, checked.
 fn shapes(x: &[usize], w: &[usize], p: ConvParams, affine: usize, bias: bool) -> Result<(Geometry, Dims)> {
     let g = Geometry::new(x, w, p)?;
@@ -126,7 +122,7 @@ impl Train {
 
 /// A contiguous operand's values as `T`: an error for another type.
 fn typed<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    slice(T::cpu_storage_as_slice(s)?, l, what)
+    crate::models::cpu_buffers::typed(s, l, "conv+bn", what)
 }
 
 /// A CPU tensor's storage, or an error naming `what`.

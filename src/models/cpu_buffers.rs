@@ -14,6 +14,11 @@ pub fn contiguous<'a, T>(v: &'a [T], l: &Layout, op: &str, what: &str) -> Result
     }
 }
 
+/// A contiguous CPU operand's values as `T` (an error for another type), for custom op `op`.
+pub fn typed<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    contiguous(T::cpu_storage_as_slice(s)?, l, op, what)
+}
+
 /// A tensor's CPU storage, or an error naming custom op `op` and its operand `what`.
 pub fn cpu_storage<'a>(s: &'a Storage, op: &str, what: &str) -> Result<&'a CpuStorage> {
     match s {

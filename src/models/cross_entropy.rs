@@ -135,24 +135,27 @@ impl CustomOp1 for Fused {
         }
         let (s, l) = logits.storage_and_layout();
         let cpu = super::cpu_buffers::cpu_storage(&s, OP, "logits")?;
-        let grad = match cpu {
-            CpuStorage::F32(v) => {
-                let x = contiguous(v, l, OP, "logits")?;
-                let d = self.rows_backward(x, &lse, g);
-                Tensor::from_vec(d, logits.shape(), logits.device())?
-            }
-            CpuStorage::F64(v) => {
-                let x = contiguous(v, l, OP, "logits")?;
-                let d = self.rows_backward(x, &lse, g);
-                Tensor::from_vec(d, logits.shape(), logits.device())?
-            }
+        let d = match cpu {
+            CpuStorage::F32(v) => self.gradient(contiguous(v, l, OP, "logits")?, &lse, g, logits),
+            CpuStorage::F64(v) => self.gradient(contiguous(v, l, OP, "logits")?, &lse, g, logits),
             _ => bail!("{OP} backward: {:?} logits", cpu.dtype()),
         };
-        Ok(Some(grad))
+        Ok(Some(d?))
     }
 }
 
 impl Fused {
+    /// dlogits = g (softmax(x) - onehot(label)) as a tensor shaped like `logits`.
+    fn gradient<T: Logit + candle_core::WithDType>(
+        &self,
+        x: &[T],
+        lse: &[f64],
+        g: f64,
+        logits: &Tensor,
+    ) -> Result<Tensor> {
+        Tensor::from_vec(self.rows_backward(x, lse, g), logits.shape(), logits.device())
+    }
+
     /// dlogits = g (softmax(x) - onehot(label)), row by row.
     fn rows_backward<T: Logit>(&self, x: &[T], lse: &[f64], g: f64) -> Vec<T> {
         let c = self.classes;

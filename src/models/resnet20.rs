@@ -22,8 +22,7 @@ struct BasicBlock {
     bn_a: BatchNorm,
     conv_b: Conv2d,
     bn_b: BatchNorm,
-    /// Option-A shortcut: the input subsampled by 2 and padded with zero channels.
-    downsample: Option<usize>,
+    shortcut: Shortcut,
 }
 
 impl BasicBlock {
@@ -33,7 +32,11 @@ impl BasicBlock {
             bn_a: BatchNorm::new(&b.pp("bn_a"), cout)?,
             conv_b: conv3x3(&b.pp("conv_b"), cout, cout, 1)?,
             bn_b: BatchNorm::new(&b.pp("bn_b"), cout)?,
-            downsample: (stride != 1 || cin != cout).then_some(cout - cin),
+            shortcut: if stride != 1 || cin != cout {
+                Shortcut::Subsample { extra: cout - cin }
+            } else {
+                Shortcut::Identity
+            },
         })
     }
 
@@ -50,19 +53,15 @@ impl BasicBlock {
         let Some((a, b)) = self.conv_a.half(&self.bn_a).zip(self.conv_b.half(&self.bn_b)) else {
             return Ok(None);
         };
-        let shortcut = match self.downsample {
-            None => Shortcut::Identity,
-            Some(extra) => Shortcut::Subsample { extra },
-        };
-        basic_block::fused(x, a, b, shortcut, train)
+        basic_block::fused(x, a, b, self.shortcut, train)
     }
 
     fn forward_apart(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv_a.forward_bn(x, &self.bn_a, train, true)?;
         let y = self.conv_b.forward_bn(&y, &self.bn_b, train, false)?;
-        let shortcut = match self.downsample {
-            None => x.clone(),
-            Some(extra) => {
+        let shortcut = match self.shortcut {
+            Shortcut::Identity => x.clone(),
+            Shortcut::Subsample { extra } => {
                 let sub = subsample2(x)?;
                 let (n, _, h, w) = sub.dims4()?;
                 let zeros = Tensor::zeros((n, extra, h, w), sub.dtype(), sub.device())?;
