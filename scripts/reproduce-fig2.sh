@@ -3,27 +3,27 @@
 # (density 1/c, fixed for the whole run), 4 workers, per workload; then one SVG per workload with
 # training loss, accuracy and delta.
 #
-# Usage: scripts/reproduce-fig2.sh [--quick] [--full] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
+# Usage: scripts/reproduce-fig2.sh [--quick] [--full] [--dry-run] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
 #   --quick          only resnet20 (on CIFAR-10, else the digits, else synthetic 16x16), delta every 4 steps
 #   --full           the paper's epochs on the stand-ins (digits: 140, with its warm-up and decays;
 #                    fortunes: 40; spoken: 80) instead of their configs' hour-sized runs
+#   --dry-run        print the runs and figures (configs, every --set) without running them
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
 #   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
 #   OUT_DIR          default runs/fig2; finished runs in it are kept, not repeated
 # The binary is $GTOPK if set, else `cargo run --release`. Set RATIOS="100 1000" to change the sweep.
-# Data, the first that is under data/: the paper's set (scripts/get-data.sh cifar10|ptb|an4), else a
-# real stand-in a fresh machine can make (scripts/get-data.sh digits|fortunes|spoken: configs/
-# resnet20_digits.toml, lstm_ptb_fortunes.toml, lstm_an4_spoken.toml), else synthetic data.
+# Data, the first that is under $DATA_DIR (default data/): the paper's set (scripts/get-data.sh
+# cifar10|ptb|an4), else a real stand-in a fresh machine can make (scripts/get-data.sh
+# digits|fortunes|spoken: configs/resnet20_digits.toml, lstm_ptb_fortunes.toml,
+# lstm_an4_spoken.toml), else synthetic data.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
 default_out=runs/fig2
 source scripts/reproduce-common.sh
-mkdir -p "$out"
 ratios=${RATIOS:-100 250 500 1000}
 
-IFS=, read -ra list <<< "$workloads"
 for w in "${list[@]}"; do
     pick_config "$w"
     dirs=()

@@ -1,0 +1,248 @@
+//! `scripts/reproduce-fig1.sh` and `reproduce-fig2.sh` in `--dry-run`: which config each workload
+//! runs for the data that is there (the paper's set, else its real stand-in, else synthetic), the
+//! lengths that keep each figure within an hour, and that every printed run is a config the trainer
+//! accepts with all its `--set`s. Nothing trains here.
+
+use gtopk::config::Config;
+use std::path::Path;
+use std::process::Command;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One `gtopk train` line of a dry run: the config and its `--set` overrides.
+#[derive(Debug)]
+struct Run {
+    name: String,
+    config: String,
+    sets: Vec<String>,
+}
+
+impl Run {
+    fn has(&self, set: &str) -> bool {
+        self.sets.iter().any(|s| s == set)
+    }
+
+    fn loaded(&self) -> Config {
+        Config::load(&repo().join(&self.config), &self.sets)
+            .unwrap_or_else(|e| panic!("{}: the trainer refuses {self:?}: {e:#}", self.name))
+    }
+}
+
+/// Runs a figure script in `--dry-run` with `DATA_DIR=data`; returns (exit code, output, runs).
+fn dry_run(script: &str, data: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, Vec<Run>) {
+    let out_dir = tempfile::tempdir().unwrap();
+    let o = Command::new("bash")
+        .arg(repo().join("scripts").join(script))
+        .arg(out_dir.path().join("figs"))
+        .arg("--dry-run")
+        .args(args)
+        .env("DATA_DIR", data)
+        .env("GTOPK", "/nonexistent/gtopk-must-not-run")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !out_dir.path().join("figs").exists(),
+        "{script} --dry-run created its output folder"
+    );
+    let runs = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("== ")?;
+            let (name, cmd) = rest.split_once(": gtopk train ")?;
+            let mut words = cmd.split_whitespace();
+            let config = words.next()?.to_string();
+            let mut sets = Vec::new();
+            while let Some(w) = words.next() {
+                match w {
+                    "--set" => sets.push(words.next()?.to_string()),
+                    "--run-dir" => assert!(words.next().is_some(), "{l}"),
+                    other => panic!("unexpected word {other} in {l}"),
+                }
+            }
+            Some(Run {
+                name: name.to_string(),
+                config,
+                sets,
+            })
+        })
+        .collect();
+    (o.status.code().unwrap_or(-1), text, runs)
+}
+
+/// A data folder with the files the scripts look for: `sets` among digits, fortunes, spoken,
+/// cifar10.
+fn data_with(sets: &[&str]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for s in sets {
+        let (dir, file) = match *s {
+            "digits" => ("digits", "data_batch_1.bin"),
+            "fortunes" => ("fortunes", "ptb.train.txt"),
+            "spoken" => ("spoken", "an4_train_manifest.csv"),
+            "cifar10" => ("cifar-10-batches-bin", "data_batch_1.bin"),
+            other => panic!("no such set {other}"),
+        };
+        std::fs::create_dir_all(d.path().join(dir)).unwrap();
+        std::fs::write(d.path().join(dir).join(file), b"").unwrap();
+    }
+    d
+}
+
+fn find<'a>(runs: &'a [Run], name: &str) -> &'a Run {
+    runs.iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no run {name} in {runs:?}"))
+}
+
+#[test]
+fn fig1_runs_the_stand_ins_at_their_hour_sized_lengths() {
+    let data = data_with(&["digits", "fortunes", "spoken"]);
+    let (code, text, runs) = dry_run("reproduce-fig1.sh", data.path(), &[], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(runs.len(), 8, "dense and gTop-k for four workloads:\n{text}");
+    for r in &runs {
+        let cfg = r.loaded();
+        assert_eq!(cfg.dist.workers, 4, "{}", r.name);
+        assert!(r.has("sparse.delta_every=50"), "{r:?}");
+        let gtopk = r.name.ends_with("-gtopk");
+        assert_eq!(r.has("sparse.density=authors"), gtopk, "{r:?}");
+        assert!(
+            r.has(if gtopk {
+                "sparse.method=gtopk"
+            } else {
+                "sparse.method=dense"
+            }),
+            "{r:?}"
+        );
+    }
+    // ResNet-20 on the digits: the paper's 140 epochs and schedule; VGG-16 there keeps the config's.
+    let resnet = find(&runs, "resnet20-gtopk").loaded();
+    assert_eq!(
+        resnet.data.dir.as_deref(),
+        Some(data.path().join("digits").to_str().unwrap())
+    );
+    assert_eq!((resnet.train.epochs, resnet.train.warmup_epochs), (140, 10.0));
+    let vgg = find(&runs, "vgg16-dense");
+    assert_eq!(vgg.config, "configs/resnet20_digits.toml");
+    assert!(vgg.has("model.arch=vgg16"), "{vgg:?}");
+    assert!(!vgg.sets.iter().any(|s| s.starts_with("train.epochs=")), "{vgg:?}");
+    // The fortunes at the config's length, the spoken set at twice its config's (Fig. 2's runs).
+    let ptb = find(&runs, "lstm-ptb-dense");
+    assert_eq!(ptb.config, "configs/lstm_ptb_fortunes.toml");
+    assert!(!ptb.sets.iter().any(|s| s.starts_with("train.epochs=")), "{ptb:?}");
+    let an4 = find(&runs, "lstm-an4-gtopk");
+    assert_eq!(an4.config, "configs/lstm_an4_spoken.toml");
+    let spoken = Config::load(&repo().join("configs/lstm_an4_spoken.toml"), &[]).unwrap();
+    assert_eq!(an4.loaded().train.epochs, 2 * spoken.train.epochs);
+}
+
+#[test]
+fn fig2_sweeps_the_ratios_at_the_configs_lengths() {
+    let data = data_with(&["fortunes", "spoken"]);
+    let (code, text, runs) = dry_run(
+        "reproduce-fig2.sh",
+        data.path(),
+        &["--workloads", "lstm-ptb,lstm-an4"],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "lstm-ptb-c100",
+            "lstm-ptb-c250",
+            "lstm-ptb-c500",
+            "lstm-ptb-c1000",
+            "lstm-an4-c100",
+            "lstm-an4-c250",
+            "lstm-an4-c500",
+            "lstm-an4-c1000"
+        ]
+    );
+    for r in &runs {
+        let c: f64 = r.name.rsplit_once("-c").unwrap().1.parse().unwrap();
+        let cfg = r.loaded();
+        let file = Config::load(&repo().join(&r.config), &[]).unwrap();
+        assert_eq!(cfg.train.epochs, file.train.epochs, "{r:?}");
+        assert_eq!(cfg.sparse.density.schedule().unwrap(), [1.0 / c], "{r:?}");
+    }
+    assert!(text.contains("fig2-lstm-an4.svg"), "{text}");
+
+    // VGG-16 on the digits: 36 epochs, the config's warm-up and decays at the same fractions.
+    let digits = data_with(&["digits"]);
+    let (code, text, runs) = dry_run("reproduce-fig2.sh", digits.path(), &["--workloads", "vgg16"], &[]);
+    assert_eq!(code, 0, "{text}");
+    let file = Config::load(&repo().join("configs/resnet20_digits.toml"), &[]).unwrap();
+    for r in &runs {
+        let t = r.loaded().train;
+        assert_eq!(t.epochs, 36, "{r:?}");
+        let at = |e: f64| e * 36.0 / file.train.epochs as f64;
+        assert_eq!(t.warmup_epochs, at(file.train.warmup_epochs), "{r:?}");
+        let decays: Vec<f64> = file
+            .train
+            .lr_decay_epochs
+            .iter()
+            .map(|&e| at(e as f64).round())
+            .collect();
+        let got: Vec<f64> = t.lr_decay_epochs.iter().map(|&e| e as f64).collect();
+        assert_eq!(got, decays, "{r:?}");
+    }
+
+    // --full: the paper's epochs; RATIOS narrows the sweep.
+    let (code, text, runs) = dry_run(
+        "reproduce-fig2.sh",
+        data.path(),
+        &["--full", "--workloads", "lstm-an4"],
+        &[("RATIOS", "1000")],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(runs.len(), 1, "{text}");
+    assert_eq!(runs[0].loaded().train.epochs, 80);
+}
+
+#[test]
+fn without_data_every_workload_runs_its_synthetic_config() {
+    let data = data_with(&[]);
+    let (code, text, runs) = dry_run("reproduce-fig1.sh", data.path(), &["--steps", "3"], &[]);
+    assert_eq!(code, 0, "{text}");
+    let configs: Vec<&str> = runs.iter().step_by(2).map(|r| r.config.as_str()).collect();
+    assert_eq!(
+        configs,
+        [
+            "configs/quickstart.toml",
+            "configs/quickstart.toml",
+            "configs/lstm_ptb_synthetic.toml",
+            "configs/lstm_an4_synthetic.toml"
+        ]
+    );
+    for r in &runs {
+        assert_eq!(r.loaded().train.max_steps, 3, "{r:?}");
+    }
+    // CIFAR-10 itself wins over the digits.
+    let data = data_with(&["cifar10", "digits"]);
+    let (_, text, runs) = dry_run("reproduce-fig1.sh", data.path(), &["--workloads", "vgg16"], &[]);
+    assert_eq!(runs[0].config, "configs/vgg16.toml", "{text}");
+}
+
+#[test]
+fn a_bad_argument_ends_the_script_before_any_run() {
+    let data = data_with(&["digits"]);
+    for args in [
+        &["--workloads", "resnet20,resnet21"][..],
+        &["--steps"][..],
+        &["--frobnicate"][..],
+    ] {
+        let (code, text, runs) = dry_run("reproduce-fig2.sh", data.path(), args, &[]);
+        assert_eq!(code, 2, "{args:?}:\n{text}");
+        assert!(runs.is_empty(), "{args:?} started runs:\n{text}");
+        assert!(text.contains("error:"), "{args:?}:\n{text}");
+    }
+}
