@@ -49,7 +49,8 @@ enum Command {
         launch: LaunchArgs,
     },
     /// Evaluate a saved model on the test split; prints one JSON line {"loss", "accuracy", "samples"}
-    /// (a language model adds "perplexity" and its eval.ptb_protocol, a speech model "wer", "cer").
+    /// (a language model adds "perplexity" and its eval.ptb_protocol; a speech model has "wer" and
+    /// "cer" in place of "accuracy").
     Eval {
         /// A run directory (its config.toml and newest checkpoint), or the config the model was
         /// trained with (model and data sections are used; then --checkpoint says which model).

@@ -345,7 +345,7 @@ fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
         let num = |k: &str| t[k].as_f64();
         EvalStats {
             loss: num("loss").unwrap_or(f64::NAN),
-            accuracy: num("accuracy").unwrap_or(f64::NAN),
+            accuracy: num("accuracy"),
             samples: t["samples"].as_u64().unwrap_or(0),
             wer: num("wer"),
             cer: num("cer"),
@@ -671,7 +671,7 @@ pub fn evaluate_file(cfg: &Config, path: &Path) -> Result<EvalStats> {
     model.load(&file)?;
     let task = task::make(&data, false, cfg.data.seq_len, &cfg.eval);
     let idx: Vec<usize> = (0..task.test_len()).collect();
-    Ok(EvalStats::from_sums(&task.eval(&model, &idx)?))
+    Ok(EvalStats::from_sums(&task.eval(&model, &idx)?, task.kind()))
 }
 
 /// The model file `gtopk eval` reads: `path` itself, the model of a checkpoint directory, or the

@@ -68,6 +68,12 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether a sample is right or wrong as a whole (a class, the next word). A transcript is
+    /// judged by its error rates instead, so a CTC model logs no accuracy rather than a 0.
+    pub fn has_accuracy(self) -> bool {
+        self != Kind::Speech
+    }
+
     /// The unit of throughput.
     pub fn unit(self) -> &'static str {
         match self {

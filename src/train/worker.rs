@@ -32,7 +32,9 @@ pub struct Position {
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct EvalStats {
     pub loss: f64,
-    pub accuracy: f64,
+    /// None for a task without one (`Kind::has_accuracy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
     pub samples: u64,
     /// Speech: word and character error rates over the whole split (edits / reference length).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,11 +44,11 @@ pub struct EvalStats {
 }
 
 impl EvalStats {
-    pub fn from_sums(s: &Stats) -> Self {
+    pub fn from_sums(s: &Stats, kind: Kind) -> Self {
         let rate = |e: f64, n: f64| (n > 0.0).then(|| e / n);
         EvalStats {
             loss: s.loss_sum / s.items,
-            accuracy: s.correct / s.items,
+            accuracy: kind.has_accuracy().then(|| s.correct / s.items),
             samples: s.items as u64,
             wer: rate(s.word_edits, s.ref_words),
             cer: rate(s.char_edits, s.ref_chars),
@@ -391,12 +393,14 @@ impl Worker {
             "lr": lr,
             "density": density,
             "loss": all.loss(),
-            "accuracy": all.accuracy(),
             "samples_per_s": all.samples / w.wall_s().max(1e-9),
             "time": all.time_split(),
             "bytes_sent": all.last_sent,
             "bytes_recv": all.last_recv,
         });
+        if self.task.kind().has_accuracy() {
+            rec["accuracy"] = json!(all.accuracy());
+        }
         if self.task.perplexity() {
             rec["perplexity"] = json!(all.loss().exp());
         }
@@ -453,14 +457,18 @@ impl Worker {
             "step": self.pos.step,
             "epoch": epoch,
             "train_loss": all.loss(),
-            "train_accuracy": all.accuracy(),
             "bytes_sent": all.total_sent,
             "bytes_recv": all.total_recv,
             "wall_s": w.wall_s(),
         });
+        if self.task.kind().has_accuracy() {
+            rec["train_accuracy"] = json!(all.accuracy());
+        }
         if let Some(t) = test {
             rec["test_loss"] = json!(t.loss);
-            rec["test_accuracy"] = json!(t.accuracy);
+            if let Some(a) = t.accuracy {
+                rec["test_accuracy"] = json!(a);
+            }
             if self.task.perplexity() {
                 rec["test_perplexity"] = json!(t.loss.exp());
             }
@@ -468,10 +476,11 @@ impl Worker {
                 rec["test_wer"] = json!(w);
                 rec["test_cer"] = json!(c);
             }
-            let score = match (self.task.kind(), t.wer, t.cer) {
-                (Kind::Speech, Some(w), Some(c)) => format!("WER {w:.4} CER {c:.4}"),
+            let score = match (self.task.kind(), t.wer, t.cer, t.accuracy) {
+                (Kind::Speech, Some(w), Some(c), _) => format!("WER {w:.4} CER {c:.4}"),
                 (Kind::Text, ..) => format!("perplexity {:.2}", t.loss.exp()),
-                _ => format!("accuracy {:.4}", t.accuracy),
+                (.., Some(a)) => format!("accuracy {a:.4}"),
+                _ => String::new(),
             };
             let line = format!("epoch {epoch}: test loss {:.4} {score}", t.loss);
             match &self.progress {
@@ -506,15 +515,19 @@ impl Worker {
         ];
         let totals = gather_f64(self.comm.as_mut(), &mine)?;
         let sum = |i: usize| totals.iter().map(|t| t[i]).sum::<f64>();
-        Ok(EvalStats::from_sums(&Stats {
-            loss_sum: sum(0),
-            correct: sum(1),
-            items: sum(2),
-            word_edits: sum(3),
-            ref_words: sum(4),
-            char_edits: sum(5),
-            ref_chars: sum(6),
-        }))
+        let kind = self.task.kind();
+        Ok(EvalStats::from_sums(
+            &Stats {
+                loss_sum: sum(0),
+                correct: sum(1),
+                items: sum(2),
+                word_edits: sum(3),
+                ref_words: sum(4),
+                char_edits: sum(5),
+                ref_chars: sum(6),
+            },
+            kind,
+        ))
     }
 
     fn barrier(&mut self) -> Result<()> {
