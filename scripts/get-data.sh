@@ -106,7 +106,7 @@ case "$what" in
     fi
     "$venv/bin/python" "$(maker digits)" "$dest/digits"
     (cd "$dest/digits" && sha256sum -c --quiet SHA256SUMS)
-    echo "Run: gtopk train configs/resnet20_digits.toml   (data.dir = $dest/digits)"
+    echo "Run: gtopk train configs/resnet20_digits.toml   (or vgg16_digits.toml; data.dir = $dest/digits)"
     ;;
   fortunes)
     need_python

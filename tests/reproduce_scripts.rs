@@ -122,7 +122,8 @@ fn fig1_runs_the_stand_ins_at_their_hour_sized_lengths() {
             "{r:?}"
         );
     }
-    // ResNet-20 on the digits: the paper's 140 epochs and schedule; VGG-16 there keeps the config's.
+    // ResNet-20 on the digits: the paper's 140 epochs and schedule; VGG-16 there runs its own
+    // config (the paper's VGG lr per sample) at the config's length.
     let resnet = find(&runs, "resnet20-gtopk").loaded();
     assert_eq!(
         resnet.data.dir.as_deref(),
@@ -130,8 +131,8 @@ fn fig1_runs_the_stand_ins_at_their_hour_sized_lengths() {
     );
     assert_eq!((resnet.train.epochs, resnet.train.warmup_epochs), (140, 10.0));
     let vgg = find(&runs, "vgg16-dense");
-    assert_eq!(vgg.config, "configs/resnet20_digits.toml");
-    assert!(vgg.has("model.arch=vgg16"), "{vgg:?}");
+    assert_eq!(vgg.config, "configs/vgg16_digits.toml");
+    assert_eq!(vgg.loaded().model.arch, gtopk::config::Arch::Vgg16);
     assert!(!vgg.sets.iter().any(|s| s.starts_with("train.epochs=")), "{vgg:?}");
     // The fortunes at the config's length, the spoken set at twice its config's (Fig. 2's runs).
     let ptb = find(&runs, "lstm-ptb-dense");
@@ -176,24 +177,19 @@ fn fig2_sweeps_the_ratios_at_the_configs_lengths() {
     }
     assert!(text.contains("fig2-lstm-an4.svg"), "{text}");
 
-    // VGG-16 on the digits: 36 epochs, the config's warm-up and decays at the same fractions.
+    // VGG-16 on the digits: its own config, at the config's length like the others.
     let digits = data_with(&["digits"]);
     let (code, text, runs) = dry_run("reproduce-fig2.sh", digits.path(), &["--workloads", "vgg16"], &[]);
     assert_eq!(code, 0, "{text}");
-    let file = Config::load(&repo().join("configs/resnet20_digits.toml"), &[]).unwrap();
+    assert_eq!(runs.len(), 4, "{text}");
+    let file = Config::load(&repo().join("configs/vgg16_digits.toml"), &[]).unwrap();
     for r in &runs {
+        assert_eq!(r.config, "configs/vgg16_digits.toml", "{r:?}");
         let t = r.loaded().train;
-        assert_eq!(t.epochs, 36, "{r:?}");
-        let at = |e: f64| e * 36.0 / file.train.epochs as f64;
-        assert_eq!(t.warmup_epochs, at(file.train.warmup_epochs), "{r:?}");
-        let decays: Vec<f64> = file
-            .train
-            .lr_decay_epochs
-            .iter()
-            .map(|&e| at(e as f64).round())
-            .collect();
-        let got: Vec<f64> = t.lr_decay_epochs.iter().map(|&e| e as f64).collect();
-        assert_eq!(got, decays, "{r:?}");
+        assert_eq!(
+            (t.epochs, t.lr, t.warmup_epochs),
+            (file.train.epochs, file.train.lr, file.train.warmup_epochs)
+        );
     }
 
     // --full: the paper's epochs; RATIOS narrows the sweep.
@@ -206,6 +202,18 @@ fn fig2_sweeps_the_ratios_at_the_configs_lengths() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(runs.len(), 1, "{text}");
     assert_eq!(runs[0].loaded().train.epochs, 80);
+    let (code, text, runs) = dry_run(
+        "reproduce-fig2.sh",
+        digits.path(),
+        &["--full", "--workloads", "vgg16"],
+        &[],
+    );
+    assert_eq!(code, 0, "{text}");
+    let t = runs[0].loaded().train;
+    assert_eq!(
+        (t.epochs, t.warmup_epochs, t.lr_decay_epochs),
+        (140, 10.0, vec![81, 122])
+    );
 }
 
 #[test]

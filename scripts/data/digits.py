@@ -74,7 +74,7 @@ def record(label, pixels):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("out", help="output folder (data.dir of configs/resnet20_digits.toml)")
+    ap.add_argument("out", help="output folder (data.dir of configs/resnet20_digits.toml and vgg16_digits.toml)")
     ap.add_argument("--input", help="CSV of label,64 values instead of scikit-learn")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--test-per-class", type=int, default=30)
