@@ -33,7 +33,8 @@ for w in "${list[@]}"; do
         train "$w-c$c" "$config" "${sets[@]}" --set sparse.method=gtopk --set "sparse.density=$density"
         dirs+=("$out/$w-c$c")
     done
-    # A CTC model logs no per-step accuracy: its panel would be a flat zero.
+    # A CTC model logs no accuracy (WER/CER instead), and a metric named in --metrics that no run
+    # has is an error in gtopk plot.
     metrics=loss,accuracy,delta
     [ "$w" = lstm-an4 ] && metrics=loss,delta
     figure "$out/fig2-$w.svg" "${dirs[@]}" --metrics "$metrics"
