@@ -42,7 +42,8 @@ data=${DATA_DIR:-data}
 [ "$dry_run" = 1 ] || mkdir -p "$out"
 # --quick: the one workload that trains in about a minute on a laptop CPU.
 if [ -z "$workloads" ]; then
-    if [ "$quick" = 1 ]; then workloads=resnet20; else workloads=resnet20,vgg16,lstm-ptb,lstm-an4; fi
+    if [ "$quick" = 1 ]; then workloads=resnet20
+    else workloads=${default_workloads:-resnet20,vgg16,lstm-ptb,lstm-an4}; fi
 fi
 # Every workload is checked before the first run starts: a typo ends the script at once.
 IFS=, read -ra list <<< "$workloads"
@@ -120,18 +121,24 @@ pick_config() {
     sets+=(--set dist.workers=4 --set "sparse.delta_every=$delta_every")
 }
 
-# train NAME CONFIG ARGS...: one run into $out/NAME (skipped when it already finished).
+# train NAME CONFIG ARGS...: one run into $out/NAME. A run that finished is kept: its summary,
+# which gtopk train prints when the run has ended, names the run directory. A run cut short after a
+# checkpoint (Ctrl-C, a lost machine) resumes from its newest one; anything else starts afresh. A
+# run cut short must never be drawn as if it had finished.
 train() {
-    local name=$1; shift
-    if [ -f "$out/$name/metrics.jsonl" ] && grep -q '"test_loss"' "$out/$name/metrics.jsonl"; then
+    local name=$1 config=$2; shift 2
+    local dir=$out/$name summary=$out/$name.summary.json
+    if grep -qs '"run_dir"' "$summary"; then
         echo "== $name: done before, kept"
         return
     fi
-    echo "== $name: gtopk train $* --run-dir $out/$name"
+    local where=(--run-dir "$dir")
+    compgen -G "$dir/checkpoints/step-*" >/dev/null && where=(--resume "$dir")
+    echo "== $name: gtopk train $config $* ${where[*]}"
     [ "$dry_run" = 1 ] && return
-    rm -rf "${out:?}/$name"
-    gtopk train "$@" --run-dir "$out/$name" --plain > "$out/$name.summary.json"
-    cat "$out/$name.summary.json"
+    [ "${where[0]}" = --run-dir ] && rm -rf "${dir:?}"
+    gtopk train "$config" "$@" "${where[@]}" --plain > "$summary"
+    cat "$summary"
 }
 
 # figure OUT.svg RUN_DIR... [plot options]: the SVG, and a PNG beside it where rsvg-convert is

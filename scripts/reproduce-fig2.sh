@@ -12,7 +12,8 @@
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: all four)
 #   --delta-every N  measure delta every N steps (default 50; 4 with --quick)
-#   OUT_DIR          default runs/fig2; finished runs in it are kept, not repeated
+#   OUT_DIR          default runs/fig2; finished runs in it are kept, an interrupted one
+#                    resumes from its newest checkpoint
 # The binary is $GTOPK if set, else `cargo run --release`. Set RATIOS="100 1000" to change the sweep.
 # Data, the first that is under $DATA_DIR (default data/): the paper's set (scripts/get-data.sh
 # cifar10|ptb|an4), else a real stand-in a fresh machine can make (scripts/get-data.sh

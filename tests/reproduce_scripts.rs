@@ -63,7 +63,7 @@ fn dry_run(script: &str, data: &Path, args: &[&str], env: &[(&str, &str)]) -> (i
             while let Some(w) = words.next() {
                 match w {
                     "--set" => sets.push(words.next()?.to_string()),
-                    "--run-dir" => assert!(words.next().is_some(), "{l}"),
+                    "--run-dir" | "--resume" => assert!(words.next().is_some(), "{l}"),
                     other => panic!("unexpected word {other} in {l}"),
                 }
             }
@@ -253,4 +253,69 @@ fn a_bad_argument_ends_the_script_before_any_run() {
         assert!(runs.is_empty(), "{args:?} started runs:\n{text}");
         assert!(text.contains("error:"), "{args:?}:\n{text}");
     }
+}
+
+/// A finished run is kept, a run cut short after a checkpoint resumes from it, and one cut short
+/// before any checkpoint starts again: none of the last two is drawn as if it had finished, though
+/// each already logged a test loss. `gtopk` is a stand-in that logs its arguments.
+#[test]
+fn an_interrupted_run_resumes_and_a_finished_one_is_kept() {
+    let data = data_with(&["digits"]);
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("figs");
+    let calls = work.path().join("calls");
+    let fake = work.path().join("gtopk");
+    std::fs::write(
+        &fake,
+        "#!/usr/bin/env bash\necho \"$*\" >> \"$CALLS\"\n\
+         [ \"$1\" = train ] && echo '{\"run_dir\": \"x\"}'\n\
+         while [ $# -gt 0 ]; do [ \"$1\" = --out ] && echo '<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1\" height=\"1\"/>' > \"$2\"; shift; done\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let logged = br#"{"kind":"epoch","test_loss":2.3}"#;
+    for (c, summary, checkpoint) in [("100", true, true), ("250", false, true), ("500", false, false)] {
+        let dir = out.join(format!("resnet20-c{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), logged).unwrap();
+        if checkpoint {
+            std::fs::create_dir_all(dir.join("checkpoints/step-00000022")).unwrap();
+        }
+        let text: &[u8] = if summary { br#"{"run_dir":"r","steps":44}"# } else { b"" };
+        std::fs::write(out.join(format!("resnet20-c{c}.summary.json")), text).unwrap();
+    }
+    let o = Command::new("bash")
+        .arg(repo().join("scripts/reproduce-fig2.sh"))
+        .arg(&out)
+        .args(["--workloads", "resnet20"])
+        .env("DATA_DIR", data.path())
+        .env("GTOPK", &fake)
+        .env("CALLS", &calls)
+        .env("RATIOS", "100 250 500")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{text}");
+    let calls = std::fs::read_to_string(&calls).unwrap();
+    let trains: Vec<&str> = calls.lines().filter(|l| l.starts_with("train ")).collect();
+    let at = |c: &str| out.join(format!("resnet20-c{c}")).display().to_string();
+    assert_eq!(trains.len(), 2, "{calls}");
+    assert!(
+        !trains.iter().any(|l| l.contains(&at("100"))),
+        "the finished run ran again:\n{calls}"
+    );
+    assert!(
+        trains[0].ends_with(&format!("--resume {} --plain", at("250"))),
+        "{calls}"
+    );
+    assert!(
+        trains[1].ends_with(&format!("--run-dir {} --plain", at("500"))),
+        "{calls}"
+    );
+    assert!(
+        !out.join("resnet20-c500/metrics.jsonl").exists(),
+        "the run with no checkpoint kept its old records"
+    );
+    let plot = calls.lines().find(|l| l.starts_with("plot ")).expect("no figure");
+    assert!(["100", "250", "500"].iter().all(|c| plot.contains(&at(c))), "{plot}");
 }
