@@ -319,3 +319,119 @@ fn an_interrupted_run_resumes_and_a_finished_one_is_kept() {
     let plot = calls.lines().find(|l| l.starts_with("plot ")).expect("no figure");
     assert!(["100", "250", "500"].iter().all(|c| plot.contains(&at(c))), "{plot}");
 }
+
+/// A config as `section.key` -> value, for diffs between runs.
+fn flat(cfg: &Config) -> std::collections::BTreeMap<String, serde_json::Value> {
+    fn walk(prefix: &str, v: serde_json::Value, out: &mut std::collections::BTreeMap<String, serde_json::Value>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+                    walk(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other);
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk("", serde_json::to_value(cfg).unwrap(), &mut out);
+    out
+}
+
+/// Each suspect of scripts/diagnose-gap.sh changes exactly the keys its name says in Fig. 1's
+/// gTop-k run, at the config's own length.
+#[test]
+fn the_gap_diagnosis_changes_one_thing_a_run() {
+    let data = data_with(&["spoken"]);
+    let (code, text, runs) = dry_run("diagnose-gap.sh", data.path(), &[], &[]);
+    assert_eq!(code, 0, "{text}");
+    let base = flat(&find(&runs, "lstm-an4-gtopk").loaded());
+    let spoken = Config::load(&repo().join("configs/lstm_an4_spoken.toml"), &[]).unwrap();
+    let expected: &[(&str, &[&str])] = &[
+        ("dense", &["sparse.method"]),
+        ("gtopk", &[]),
+        ("gtopk-c100", &["sparse.density"]),
+        ("gtopk-c1000", &["sparse.density"]),
+        ("dense-m0", &["sparse.method", "train.lr", "train.momentum"]),
+        ("gtopk-m0", &["train.lr", "train.momentum"]),
+        ("gtopk-c1000-mc", &["sparse.density", "sparse.momentum_correction"]),
+        ("gtopk-layer", &["sparse.scope"]),
+        ("topk", &["sparse.method"]),
+        ("gtopk-origin", &["sparse.residual_policy"]),
+        ("gtopk-noclip", &["train.clip_norm"]),
+    ];
+    assert_eq!(runs.len(), expected.len(), "{text}");
+    for (name, keys) in expected {
+        let r = find(&runs, &format!("lstm-an4-{name}"));
+        assert_eq!(r.config, "configs/lstm_an4_spoken.toml");
+        let cfg = r.loaded();
+        assert_eq!(cfg.train.epochs, spoken.train.epochs, "{name}");
+        let changed: Vec<String> = flat(&cfg)
+            .into_iter()
+            .filter(|(k, v)| base.get(k) != Some(v))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(changed, *keys, "{name}");
+        if name.ends_with("-m0") {
+            let steady = spoken.train.lr / (1.0 - spoken.train.momentum);
+            assert!(
+                (cfg.train.lr - steady).abs() < 1e-12 * steady,
+                "{name}: lr {}",
+                cfg.train.lr
+            );
+        }
+    }
+    assert!(text.contains("== table: scripts/compare_runs.py"), "{text}");
+}
+
+/// compare_runs.py reads each run at the last epoch all of them reached, and names a run that
+/// has no epoch record.
+#[test]
+fn compare_runs_lines_runs_up_at_their_common_epoch() {
+    let work = tempfile::tempdir().unwrap();
+    let write = |name: &str, lines: &[&str]| {
+        let d = work.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("metrics.jsonl"), lines.join("\n")).unwrap();
+        d
+    };
+    let e = |ep: u32, train: f64, cer: f64| {
+        format!(
+            r#"{{"kind":"epoch","epoch":{ep},"train_loss":{train},"test_loss":{},"test_cer":{cer}}}"#,
+            train + 1.0
+        )
+    };
+    let a = write("a", &[&e(0, 40.0, 0.9), &e(1, 20.0, 0.5), &e(2, 10.0, 0.4)]);
+    let b = write(
+        "b",
+        &[
+            r#"{"kind":"step","epoch":0,"step":1,"loss":50,"delta":0.5}"#,
+            &e(0, 50.0, 0.95),
+            r#"{"kind":"step","epoch":1,"step":2,"loss":30,"delta":0.7}"#,
+            &e(1, 30.0, 0.6),
+        ],
+    );
+    let py = |dirs: &[&Path]| {
+        Command::new("python3")
+            .arg(repo().join("scripts/compare_runs.py"))
+            .args(dirs)
+            .output()
+            .unwrap()
+    };
+    let o = py(&[&a, &b]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("After epoch 1 "), "{text}");
+    assert!(text.contains("| a | 20 | 1.00 | 21 | 0.5 | - |"), "{text}");
+    assert!(text.contains("| b | 30 | 1.50 | 31 | 0.6 | 0.6000 |"), "{text}");
+    let empty = write("empty", &[r#"{"kind":"step","epoch":0,"step":1,"loss":5}"#]);
+    let o = py(&[&a, &empty]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("empty/metrics.jsonl") && err.contains("no epoch record"),
+        "{err}"
+    );
+}
