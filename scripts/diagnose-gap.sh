@@ -5,8 +5,11 @@
 # the last epoch every run reached. docs/RESULTS.md ("What holds gTop-k back on the spoken set")
 # reads the lstm-an4 table.
 #
-# Usage: scripts/diagnose-gap.sh [--dry-run] [--steps N] [--workloads LIST] [--delta-every N] [OUT_DIR]
+# Usage: scripts/diagnose-gap.sh [--dry-run] [--only NAMES] [--steps N] [--workloads LIST]
+#                                [--delta-every N] [OUT_DIR]
 #   --dry-run        print the runs without running them
+#   --only NAMES     comma list of the runs to make (names below, dense and gtopk included);
+#                    the table then has just those
 #   --steps N        stop every run after N steps (train.max_steps)
 #   --workloads L    comma list of resnet20, vgg16, lstm-ptb, lstm-an4 (default: lstm-an4)
 #   --delta-every N  measure delta every N steps (default 50)
@@ -22,13 +25,42 @@
 #   topk              Top-k S-SGD: the union of the workers' top k, nothing lost in merges
 #   gtopk-origin      the authors' residual policy (sparse.residual_policy = "origin-index")
 #   gtopk-noclip      no max-norm clip of the update (only where the config clips)
+#   dense-lr2, gtopk-lr2   twice the learning rate: whether gTop-k's step is only too short
 # The binary is $GTOPK if set, else `cargo run --release`. Data as scripts/reproduce-fig1.sh.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
+names=(dense gtopk gtopk-c100 gtopk-c1000 dense-m0 gtopk-m0 gtopk-c1000-mc gtopk-layer topk
+    gtopk-origin gtopk-noclip dense-lr2 gtopk-lr2)
+# --only is this script's own; the other options are reproduce-common.sh's.
+only=""
+rest=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only)
+            [ $# -ge 2 ] && [ -n "$2" ] || { echo "error: --only needs a value" >&2; exit 2; }
+            only=$2; shift ;;
+        *) rest+=("$1") ;;
+    esac
+    shift
+done
+set -- ${rest[@]+"${rest[@]}"}
+IFS=, read -ra wanted <<< "$only"
+for n in ${wanted[@]+"${wanted[@]}"}; do
+    [[ " ${names[*]} " == *" $n "* ]] || {
+        echo "error: --only: unknown run '$n' (${names[*]})" >&2; exit 2; }
+done
 default_out=runs/diagnose
 default_workloads=lstm-an4
 source scripts/reproduce-common.sh
+
+# run NAME CONFIG ARGS...: trains $w-NAME unless --only leaves it out; the table lists it.
+run() {
+    local name=$1; shift
+    [ -z "$only" ] || [[ ",$only," == *",$name,"* ]] || return 0
+    train "$w-$name" "$@"
+    dirs+=("$w-$name")
+}
 
 # toml_value FILE SECTION KEY: a scalar of a flat config (the configs/ files), empty when absent.
 toml_value() {
@@ -45,27 +77,28 @@ for w in "${list[@]}"; do
     dense=(--set sparse.method=dense)
     g=(--set sparse.method=gtopk)
     gtopk=("${g[@]}" --set sparse.density=authors)
-    train "$w-dense" "$config" "${sets[@]}" "${dense[@]}"
-    train "$w-gtopk" "$config" "${sets[@]}" "${gtopk[@]}"
-    train "$w-gtopk-c100" "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.01
-    train "$w-gtopk-c1000" "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.001
-    dirs=("$w-dense" "$w-gtopk" "$w-gtopk-c100" "$w-gtopk-c1000")
+    dirs=()
+    run dense "$config" "${sets[@]}" "${dense[@]}"
+    run gtopk "$config" "${sets[@]}" "${gtopk[@]}"
+    run gtopk-c100 "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.01
+    run gtopk-c1000 "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.001
     if awk -v m="${momentum:-0}" 'BEGIN { exit !(m > 0 && m < 1) }'; then
         m0=(--set train.momentum=0 --set "train.lr=$(awk -v lr="$lr" -v m="$momentum" 'BEGIN { printf "%.6g", lr / (1 - m) }')")
-        train "$w-dense-m0" "$config" "${sets[@]}" "${dense[@]}" "${m0[@]}"
-        train "$w-gtopk-m0" "$config" "${sets[@]}" "${gtopk[@]}" "${m0[@]}"
-        dirs+=("$w-dense-m0" "$w-gtopk-m0")
+        run dense-m0 "$config" "${sets[@]}" "${dense[@]}" "${m0[@]}"
+        run gtopk-m0 "$config" "${sets[@]}" "${gtopk[@]}" "${m0[@]}"
     fi
-    train "$w-gtopk-c1000-mc" "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.001 \
+    run gtopk-c1000-mc "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.001 \
         --set sparse.momentum_correction=true
-    train "$w-gtopk-layer" "$config" "${sets[@]}" "${gtopk[@]}" --set sparse.scope=layer
-    train "$w-topk" "$config" "${sets[@]}" --set sparse.method=topk --set sparse.density=authors
-    train "$w-gtopk-origin" "$config" "${sets[@]}" "${gtopk[@]}" --set sparse.residual_policy=origin-index
-    dirs+=("$w-gtopk-c1000-mc" "$w-gtopk-layer" "$w-topk" "$w-gtopk-origin")
+    run gtopk-layer "$config" "${sets[@]}" "${gtopk[@]}" --set sparse.scope=layer
+    run topk "$config" "${sets[@]}" --set sparse.method=topk --set sparse.density=authors
+    run gtopk-origin "$config" "${sets[@]}" "${gtopk[@]}" --set sparse.residual_policy=origin-index
     if awk -v c="${clip:-0}" 'BEGIN { exit !(c > 0) }'; then
-        train "$w-gtopk-noclip" "$config" "${sets[@]}" "${gtopk[@]}" --set train.clip_norm=0
-        dirs+=("$w-gtopk-noclip")
+        run gtopk-noclip "$config" "${sets[@]}" "${gtopk[@]}" --set train.clip_norm=0
     fi
+    lr2=(--set "train.lr=$(awk -v lr="$lr" 'BEGIN { printf "%.6g", 2 * lr }')")
+    run dense-lr2 "$config" "${sets[@]}" "${dense[@]}" "${lr2[@]}"
+    run gtopk-lr2 "$config" "${sets[@]}" "${gtopk[@]}" "${lr2[@]}"
+    [ ${#dirs[@]} -gt 0 ] || continue
     echo "== table: scripts/compare_runs.py ${dirs[*]/#/$out/}"
     [ "$dry_run" = 1 ] && continue
     python3 scripts/compare_runs.py "${dirs[@]/#/$out/}" | tee "$out/$w.md"

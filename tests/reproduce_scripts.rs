@@ -361,6 +361,8 @@ fn the_gap_diagnosis_changes_one_thing_a_run() {
         ("topk", &["sparse.method"]),
         ("gtopk-origin", &["sparse.residual_policy"]),
         ("gtopk-noclip", &["train.clip_norm"]),
+        ("dense-lr2", &["sparse.method", "train.lr"]),
+        ("gtopk-lr2", &["train.lr"]),
     ];
     assert_eq!(runs.len(), expected.len(), "{text}");
     for (name, keys) in expected {
@@ -374,16 +376,39 @@ fn the_gap_diagnosis_changes_one_thing_a_run() {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(changed, *keys, "{name}");
-        if name.ends_with("-m0") {
-            let steady = spoken.train.lr / (1.0 - spoken.train.momentum);
-            assert!(
-                (cfg.train.lr - steady).abs() < 1e-12 * steady,
-                "{name}: lr {}",
-                cfg.train.lr
-            );
-        }
+        let lr = if name.ends_with("-m0") {
+            spoken.train.lr / (1.0 - spoken.train.momentum)
+        } else if name.ends_with("-lr2") {
+            2.0 * spoken.train.lr
+        } else {
+            spoken.train.lr
+        };
+        assert!((cfg.train.lr - lr).abs() < 1e-12 * lr, "{name}: lr {}", cfg.train.lr);
     }
     assert!(text.contains("== table: scripts/compare_runs.py"), "{text}");
+}
+
+/// `--only` makes just the runs it names, and the table has just those; a name it does not know
+/// ends the script before any run.
+#[test]
+fn the_gap_diagnosis_makes_only_the_runs_asked_for() {
+    let data = data_with(&["spoken"]);
+    let (code, text, runs) = dry_run("diagnose-gap.sh", data.path(), &["--only", "gtopk-origin,dense"], &[]);
+    assert_eq!(code, 0, "{text}");
+    let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["lstm-an4-dense", "lstm-an4-gtopk-origin"], "{text}");
+    let table = text.lines().find(|l| l.starts_with("== table:")).unwrap();
+    let tabled: Vec<&str> = table
+        .split_whitespace()
+        .skip(3)
+        .map(|d| d.rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(tabled, ["lstm-an4-dense", "lstm-an4-gtopk-origin"], "{table}");
+
+    let (code, text, runs) = dry_run("diagnose-gap.sh", data.path(), &["--only", "gtopk,nope"], &[]);
+    assert_eq!(code, 2, "{text}");
+    assert!(runs.is_empty(), "{text}");
+    assert!(text.contains("--only: unknown run 'nope'"), "{text}");
 }
 
 /// compare_runs.py reads each run at the last epoch all of them reached, and names a run that
