@@ -25,13 +25,14 @@
 #   topk              Top-k S-SGD: the union of the workers' top k, nothing lost in merges
 #   gtopk-origin      the authors' residual policy (sparse.residual_policy = "origin-index")
 #   gtopk-noclip      no max-norm clip of the update (only where the config clips)
-#   dense-lr2, gtopk-lr2   twice the learning rate: whether gTop-k's step is only too short
+#   dense-lr2, gtopk-lr2, dense-lr4, gtopk-lr4
+#                    twice and four times the learning rate: whether the two gain alike
 # The binary is $GTOPK if set, else `cargo run --release`. Data as scripts/reproduce-fig1.sh.
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
 names=(dense gtopk gtopk-c100 gtopk-c1000 dense-m0 gtopk-m0 gtopk-c1000-mc gtopk-layer topk
-    gtopk-origin gtopk-noclip dense-lr2 gtopk-lr2)
+    gtopk-origin gtopk-noclip dense-lr2 gtopk-lr2 dense-lr4 gtopk-lr4)
 # --only is this script's own; the other options are reproduce-common.sh's.
 only=""
 rest=()
@@ -95,9 +96,11 @@ for w in "${list[@]}"; do
     if awk -v c="${clip:-0}" 'BEGIN { exit !(c > 0) }'; then
         run gtopk-noclip "$config" "${sets[@]}" "${gtopk[@]}" --set train.clip_norm=0
     fi
-    lr2=(--set "train.lr=$(awk -v lr="$lr" 'BEGIN { printf "%.6g", 2 * lr }')")
-    run dense-lr2 "$config" "${sets[@]}" "${dense[@]}" "${lr2[@]}"
-    run gtopk-lr2 "$config" "${sets[@]}" "${gtopk[@]}" "${lr2[@]}"
+    for x in 2 4; do
+        lrx=(--set "train.lr=$(awk -v lr="$lr" -v x="$x" 'BEGIN { printf "%.6g", x * lr }')")
+        run "dense-lr$x" "$config" "${sets[@]}" "${dense[@]}" "${lrx[@]}"
+        run "gtopk-lr$x" "$config" "${sets[@]}" "${gtopk[@]}" "${lrx[@]}"
+    done
     [ ${#dirs[@]} -gt 0 ] || continue
     echo "== table: scripts/compare_runs.py ${dirs[*]/#/$out/}"
     [ "$dry_run" = 1 ] && continue

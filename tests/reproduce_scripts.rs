@@ -363,6 +363,8 @@ fn the_gap_diagnosis_changes_one_thing_a_run() {
         ("gtopk-noclip", &["train.clip_norm"]),
         ("dense-lr2", &["sparse.method", "train.lr"]),
         ("gtopk-lr2", &["train.lr"]),
+        ("dense-lr4", &["sparse.method", "train.lr"]),
+        ("gtopk-lr4", &["train.lr"]),
     ];
     assert_eq!(runs.len(), expected.len(), "{text}");
     for (name, keys) in expected {
@@ -378,8 +380,8 @@ fn the_gap_diagnosis_changes_one_thing_a_run() {
         assert_eq!(changed, *keys, "{name}");
         let lr = if name.ends_with("-m0") {
             spoken.train.lr / (1.0 - spoken.train.momentum)
-        } else if name.ends_with("-lr2") {
-            2.0 * spoken.train.lr
+        } else if let Some(x) = name.rsplit_once("-lr").map(|(_, x)| x) {
+            x.parse::<f64>().unwrap() * spoken.train.lr
         } else {
             spoken.train.lr
         };
