@@ -16,6 +16,7 @@
 #   OUT_DIR          default runs/diagnose; finished runs in it are kept, an interrupted one
 #                    resumes from its newest checkpoint
 # The suspects, one run each (a name, then what it changes in the gTop-k run):
+#   gtopk-c10         density 0.1 from the start: a hundred times the coordinates a step
 #   gtopk-c100        density 0.01 from the start: ten times the coordinates a step
 #   gtopk-c1000       density 0.001 from the start: no warm-up
 #   dense-m0, gtopk-m0   momentum 0 with lr / (1 - momentum): the same steady-state step
@@ -31,7 +32,7 @@
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
-names=(dense gtopk gtopk-c100 gtopk-c1000 dense-m0 gtopk-m0 gtopk-c1000-mc gtopk-layer topk
+names=(dense gtopk gtopk-c10 gtopk-c100 gtopk-c1000 dense-m0 gtopk-m0 gtopk-c1000-mc gtopk-layer topk
     gtopk-origin gtopk-noclip dense-lr2 gtopk-lr2 dense-lr4 gtopk-lr4)
 # --only is this script's own; the other options are reproduce-common.sh's.
 only=""
@@ -81,6 +82,7 @@ for w in "${list[@]}"; do
     dirs=()
     run dense "$config" "${sets[@]}" "${dense[@]}"
     run gtopk "$config" "${sets[@]}" "${gtopk[@]}"
+    run gtopk-c10 "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.1
     run gtopk-c100 "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.01
     run gtopk-c1000 "$config" "${sets[@]}" "${g[@]}" --set sparse.density=0.001
     if awk -v m="${momentum:-0}" 'BEGIN { exit !(m > 0 && m < 1) }'; then

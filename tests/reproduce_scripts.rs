@@ -352,6 +352,7 @@ fn the_gap_diagnosis_changes_one_thing_a_run() {
     let expected: &[(&str, &[&str])] = &[
         ("dense", &["sparse.method"]),
         ("gtopk", &[]),
+        ("gtopk-c10", &["sparse.density"]),
         ("gtopk-c100", &["sparse.density"]),
         ("gtopk-c1000", &["sparse.density"]),
         ("dense-m0", &["sparse.method", "train.lr", "train.momentum"]),
