@@ -196,25 +196,29 @@ fn arch_and_data_must_fit() {
     assert!(e.contains("does not fit data.source"), "{e}");
 }
 
+const TINY_SPEECH: &[&str] = &[
+    "model.arch=lstm-an4",
+    "model.hidden=16",
+    "model.layers=2",
+    "model.conv_channels=2",
+    "data.source=synthetic-audio",
+    "data.synthetic_train=16",
+    "data.synthetic_test=8",
+    "train.batch_size=8",
+    "train.lr=0.001",
+    "train.clip_norm=400",
+    "train.warmup_epochs=0",
+];
+
 #[test]
 fn the_acoustic_model_learns_with_ctc_and_reports_error_rates() {
-    let sets = [
-        "model.arch=lstm-an4",
-        "model.hidden=16",
-        "model.layers=2",
-        "model.conv_channels=2",
-        "data.source=synthetic-audio",
-        "data.synthetic_train=16",
-        "data.synthetic_test=8",
-        "train.batch_size=8",
+    let mut sets = TINY_SPEECH.to_vec();
+    sets.extend([
         "train.epochs=4",
-        "train.lr=0.001",
         "train.lr_epoch_divisor=1.01",
-        "train.clip_norm=400",
-        "train.warmup_epochs=0",
         "sparse.method=gtopk",
         "sparse.density=0.1",
-    ];
+    ]);
     let dir = tempfile::tempdir().unwrap();
     run(&config(&sets), dir.path(), false).unwrap();
     let recs = records(dir.path());
@@ -258,20 +262,6 @@ fn vgg16_fits_one_batch() {
     assert_eq!(losses.len(), 6);
     assert!(losses[5] < 0.5 * losses[0], "{losses:?}");
 }
-
-const TINY_SPEECH: &[&str] = &[
-    "model.arch=lstm-an4",
-    "model.hidden=16",
-    "model.layers=2",
-    "model.conv_channels=2",
-    "data.source=synthetic-audio",
-    "data.synthetic_train=16",
-    "data.synthetic_test=8",
-    "train.batch_size=8",
-    "train.lr=0.001",
-    "train.clip_norm=400",
-    "train.warmup_epochs=0",
-];
 
 /// At density 1 every coordinate is selected, so nothing is left in a residual and Top-k and
 /// gTop-k S-SGD are dense S-SGD: any gap between them on a real workload is the sparsification's,
