@@ -9,6 +9,13 @@ fn steps(recs: &[Value]) -> Vec<&Value> {
     recs.iter().filter(|r| r["kind"] == "step").collect()
 }
 
+/// A fresh run of the tiny config with `sets` applied, and its deterministic records.
+fn train_records(sets: &[&str]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    run(&config(sets), dir.path(), false).unwrap();
+    records(dir.path())
+}
+
 #[test]
 fn a_few_hundred_steps_learn_the_synthetic_set() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,9 +226,7 @@ fn the_acoustic_model_learns_with_ctc_and_reports_error_rates() {
         "sparse.method=gtopk",
         "sparse.density=0.1",
     ]);
-    let dir = tempfile::tempdir().unwrap();
-    run(&config(&sets), dir.path(), false).unwrap();
-    let recs = records(dir.path());
+    let recs = train_records(&sets);
     let epochs: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "epoch").collect();
     // Utterances are batched by duration and never reshuffled: every epoch sees the same batches.
     let first = epochs[0]["train_loss"].as_f64().unwrap();
@@ -251,9 +256,7 @@ fn vgg16_fits_one_batch() {
         "sparse.method=topk",
         "sparse.density=0.1",
     ];
-    let dir = tempfile::tempdir().unwrap();
-    run(&config(&sets), dir.path(), false).unwrap();
-    let recs = records(dir.path());
+    let recs = train_records(&sets);
     let losses: Vec<f64> = recs
         .iter()
         .filter(|r| r["kind"] == "epoch")
@@ -280,9 +283,7 @@ fn at_density_one_the_sparse_methods_train_as_dense_does() {
                 "train.epochs=2",
                 "train.log_every=1",
             ]);
-            let dir = tempfile::tempdir().unwrap();
-            run(&config(&sets), dir.path(), false).unwrap();
-            let recs = records(dir.path());
+            let recs = train_records(&sets);
             let l: Vec<f64> = steps(&recs).iter().map(|r| r["loss"].as_f64().unwrap()).collect();
             assert!(l.len() >= 4, "{name}/{method}: {} steps", l.len());
             l
