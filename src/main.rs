@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use gtopk::bench::comm::CommRow;
+use gtopk::bench::comm::{CommRow, Link};
 use gtopk::bench::kernels::{KernelBench, Op};
 use gtopk::comm::local::LocalComm;
 use gtopk::comm::Overrides;
@@ -272,20 +272,73 @@ enum Bench {
         /// Timed steps per row (after one warm-up step).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        #[command(flatten)]
+        link: LinkArgs,
         /// Print the rows as JSON lines instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// One rank of `bench comm --backend tcp` (started by it, with the launcher's environment).
-    #[command(hide = true)]
-    CommWorker {
-        #[arg(long, value_delimiter = ',')]
+    /// One rank of a `bench comm` job that a launcher started (torchrun's RANK, WORLD_SIZE,
+    /// MASTER_ADDR, MASTER_PORT; launch.sh; one rank per host of scripts/netlab.sh): every scheme
+    /// over tcp, rank 0 prints the rows as JSON lines.
+    CommRank {
+        /// Vector sizes d, with k/m suffixes.
+        #[arg(long, value_delimiter = ',', value_parser = parse_size, default_values_t = [270_000usize, 15_000_000])]
         sizes: Vec<usize>,
-        #[arg(long)]
+        #[arg(long, default_value_t = 0.001)]
         density: f64,
-        #[arg(long)]
+        /// Timed steps per row (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
         steps: usize,
+        #[command(flatten)]
+        link: LinkArgs,
     },
+    /// Ping-pong between ranks 0 and 1 of a launched job (as comm-rank) at each size, and the
+    /// alpha-beta model fitted to it: rank 0 prints one JSON line per size, then the fit.
+    P2pRank {
+        /// Message sizes in bytes, with k/m suffixes.
+        #[arg(long, value_delimiter = ',', value_parser = parse_size,
+              default_values_t = [8usize, 1_000, 10_000, 100_000, 1_000_000, 10_000_000])]
+        sizes: Vec<usize>,
+        /// Timed round trips per size (after one warm-up).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
+}
+
+/// The network a comm bench runs on, for its floor and model columns.
+#[derive(clap::Args)]
+struct LinkArgs {
+    /// Each worker's link rate (tc's words: 100mbit, 1gbit; or bytes/s): adds each row's floor,
+    /// the critical path's bytes over this rate.
+    #[arg(long, value_parser = gtopk::bench::comm::parse_rate)]
+    rate: Option<f64>,
+    /// Seconds per message of an alpha-beta model (with --beta): adds the model's seconds per row.
+    #[arg(long, requires = "beta")]
+    alpha: Option<f64>,
+    /// Seconds per byte of the model (with --alpha).
+    #[arg(long, requires = "alpha")]
+    beta: Option<f64>,
+}
+
+impl LinkArgs {
+    fn link(&self) -> Result<gtopk::bench::comm::Link> {
+        let model = match (self.alpha, self.beta) {
+            (Some(alpha), Some(beta)) => {
+                anyhow::ensure!(
+                    alpha >= 0.0 && beta >= 0.0 && alpha.is_finite() && beta.is_finite(),
+                    "--alpha {alpha} --beta {beta}: must be non-negative seconds"
+                );
+                Some(gtopk::bench::simulate::Network {
+                    name: "model",
+                    alpha,
+                    beta,
+                })
+            }
+            _ => None,
+        };
+        Ok(gtopk::bench::comm::Link { rate: self.rate, model })
+    }
 }
 
 fn default_run_dir(name: &str) -> PathBuf {
@@ -322,12 +375,12 @@ fn shell_word(w: &str) -> String {
     }
 }
 
-fn bench_comm_local(p: usize, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
+fn bench_comm_local(p: usize, sizes: &[usize], density: f64, steps: usize, link: Link) -> Result<Vec<CommRow>> {
     let handles: Vec<_> = LocalComm::group(p, std::time::Duration::from_secs(600))
         .into_iter()
         .map(|mut c| {
             let sizes = sizes.to_vec();
-            std::thread::spawn(move || gtopk::bench::comm::run_group(&mut c, &sizes, density, steps))
+            std::thread::spawn(move || gtopk::bench::comm::run_group(&mut c, &sizes, density, steps, link))
         })
         .collect();
     let mut all: Vec<Result<Vec<CommRow>>> = handles
@@ -337,16 +390,41 @@ fn bench_comm_local(p: usize, sizes: &[usize], density: f64, steps: usize) -> Re
     all.swap_remove(0)
 }
 
+/// This process as one rank of a bench job a launcher started, over tcp.
+fn launched_rank() -> Result<(usize, gtopk::comm::TcpComm)> {
+    let info = gtopk::comm::LaunchInfo::from_env(&Overrides::default())?;
+    let port = info.master_port.unwrap_or(0);
+    let opts = gtopk::comm::TcpOptions::new(
+        gtopk::comm::rendezvous::job_token(port, "gtopk-bench"),
+        0,
+        env!("CARGO_PKG_VERSION"),
+    );
+    Ok((info.rank, gtopk::comm::TcpComm::connect(&info, &opts)?))
+}
+
 /// Starts P processes of this binary on loopback, one rank each, and reads rank 0's rows.
-fn bench_comm_tcp(p: usize, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
+fn bench_comm_tcp(p: usize, sizes: &[usize], density: f64, steps: usize, link: Link) -> Result<Vec<CommRow>> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let exe = std::env::current_exe()?;
     let list = |v: &[usize]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+    let mut link_args = Vec::new();
+    if let Some(r) = link.rate {
+        link_args.extend(["--rate".to_string(), r.to_string()]);
+    }
+    if let Some(m) = link.model {
+        link_args.extend([
+            "--alpha".to_string(),
+            m.alpha.to_string(),
+            "--beta".to_string(),
+            m.beta.to_string(),
+        ]);
+    }
     let mut children = Vec::new();
     for rank in 0..p {
         let child = std::process::Command::new(&exe)
-            .args(["bench", "comm-worker", "--sizes", &list(sizes)])
+            .args(["bench", "comm-rank", "--sizes", &list(sizes)])
             .args(["--density", &density.to_string(), "--steps", &steps.to_string()])
+            .args(&link_args)
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", p.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -603,18 +681,20 @@ fn run(cli: Cli) -> Result<()> {
                     sizes,
                     density,
                     steps,
+                    link,
                     json,
                 },
         } => {
             if !(density > 0.0 && density <= 1.0) {
                 anyhow::bail!("--density {density}: must be in (0, 1]");
             }
+            let link = link.link()?;
             let mut rows = Vec::new();
             for &p in &workers {
                 anyhow::ensure!(p >= 1, "--workers: 0 workers");
                 rows.extend(match backend.as_str() {
-                    "local" => bench_comm_local(p, &sizes, density, steps)?,
-                    "tcp" => bench_comm_tcp(p, &sizes, density, steps)?,
+                    "local" => bench_comm_local(p, &sizes, density, steps, link)?,
+                    "tcp" => bench_comm_tcp(p, &sizes, density, steps, link)?,
                     other => anyhow::bail!("--backend {other}: allowed: local, tcp"),
                 });
             }
@@ -627,21 +707,38 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Bench {
-            what: Bench::CommWorker { sizes, density, steps },
+            what:
+                Bench::CommRank {
+                    sizes,
+                    density,
+                    steps,
+                    link,
+                },
         } => {
-            let info = gtopk::comm::LaunchInfo::from_env(&Overrides::default())?;
-            let port = info.master_port.unwrap_or(0);
-            let opts = gtopk::comm::TcpOptions::new(
-                gtopk::comm::rendezvous::job_token(port, "gtopk-bench"),
-                0,
-                env!("CARGO_PKG_VERSION"),
+            anyhow::ensure!(
+                density > 0.0 && density <= 1.0,
+                "--density {density}: must be in (0, 1]"
             );
-            let mut comm = gtopk::comm::TcpComm::connect(&info, &opts)?;
-            let rows = gtopk::bench::comm::run_group(&mut comm, &sizes, density, steps)?;
-            if info.rank == 0 {
+            let link = link.link()?;
+            let (rank, mut comm) = launched_rank()?;
+            let rows = gtopk::bench::comm::run_group(&mut comm, &sizes, density, steps, link)?;
+            if rank == 0 {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
                 }
+            }
+        }
+        Command::Bench {
+            what: Bench::P2pRank { sizes, reps },
+        } => {
+            let (rank, mut comm) = launched_rank()?;
+            let rows = gtopk::bench::p2p::ping_pong(&mut comm, &sizes, reps)?;
+            if rank == 0 {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                let fit = gtopk::bench::p2p::fit(&rows)?;
+                println!("{}", serde_json::json!({"fit": {"alpha": fit.alpha, "beta": fit.beta}}));
             }
         }
         Command::Info => print!("{}", gtopk::info::report()),

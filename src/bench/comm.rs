@@ -1,10 +1,18 @@
 //! `gtopk bench comm`: bytes and seconds per aggregation step for dense, Top-k and gTop-k (tree and
 //! recursive doubling) over a real communicator, next to the byte counts the schedules predict.
+//!
+//! A step is timed in two phases. The local work before the exchange (selection) is timed alone;
+//! then every worker waits at a barrier, and the communication phase (the exchange with the merges
+//! and scatter-adds inside it) is timed from there, so P processes sharing a few cores for their
+//! O(d) selection do not count as network time. With a link rate, each row also carries its floor:
+//! the bytes on the schedule's critical path over the rate.
 
-use super::theory::theory_total_bytes;
+use super::harness::median;
+use super::simulate::{comm_seconds, Network};
+use super::theory::{critical_path, theory_total_bytes};
 use crate::comm::Communicator;
 use crate::rng::Rng;
-use crate::sparse::{Compressor, CompressorConfig, GtopkAlgo, Method, StepOptions};
+use crate::sparse::{gtopk_reduce, topk_gather_sum, GtopkAlgo, Layout, Method, Scope, SparseSet, Wire};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -29,59 +37,142 @@ pub struct CommRow {
     pub theory_bytes_per_worker: f64,
     /// The busiest worker's bytes per step.
     pub max_bytes_worker: u64,
-    /// Median over steps of the slowest worker's seconds per aggregation.
-    pub seconds_per_step: f64,
+    /// Bytes on the schedule's critical path: what one step must wait for, message after message.
+    pub critical_bytes: f64,
+    /// Median over steps of the slowest worker's local work before the exchange (the selection;
+    /// none for dense).
+    pub local_s: f64,
+    /// Median over steps of the slowest worker's communication phase, timed from a barrier.
+    pub comm_s: f64,
+    /// `critical_bytes` over the link rate, where the rate was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor_s: Option<f64>,
+    /// The alpha-beta model's communication seconds (`gtopk simulate`), where a model was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_s: Option<f64>,
 }
 
-/// One worker's part: `steps` timed aggregations (after one warm-up) of fresh normal gradients.
-/// Returns (bytes sent per step, seconds per step of each timed step).
-pub fn run_worker(
+/// What a bench job knows of its network, for the floor and model columns.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Link {
+    /// Bytes per second each worker's link carries in each direction.
+    pub rate: Option<f64>,
+    /// An alpha-beta model to price the same schedules with.
+    pub model: Option<Network>,
+}
+
+/// One timed step's two phases on this worker.
+struct Phases {
+    local_s: f64,
+    comm_s: f64,
+}
+
+/// Every worker leaves after all have arrived (a one-byte all-gather).
+pub fn barrier(comm: &mut dyn Communicator) -> Result<()> {
+    comm.all_gather(&[0]).map(drop)
+}
+
+/// One aggregation of `acc`, split into its local and communication phases. Returns the phases and
+/// the global sum (not divided by P).
+fn one_step(
+    comm: &mut dyn Communicator,
+    method: Method,
+    algo: GtopkAlgo,
+    layout: &Layout,
+    ks: &[usize],
+    acc: &[f32],
+    sum: &mut [f32],
+) -> Result<Phases> {
+    let wire = Wire::F32;
+    let t = Instant::now();
+    let sel = match method {
+        Method::Dense => {
+            sum.copy_from_slice(acc);
+            SparseSet::empty()
+        }
+        _ => layout.select(acc, ks)?,
+    };
+    if method != Method::Dense {
+        sum.fill(0.0);
+    }
+    let local_s = t.elapsed().as_secs_f64();
+    barrier(comm)?;
+    let t = Instant::now();
+    match method {
+        Method::Dense => comm.all_reduce_sum(sum)?,
+        Method::Topk => topk_gather_sum(comm, &sel, layout, ks, wire, sum)?,
+        Method::Gtopk => gtopk_reduce(comm, algo, sel, layout, ks, wire)?.global.scatter_add(sum),
+        Method::Randomk => anyhow::bail!("bench comm does not time random-k"),
+    }
+    Ok(Phases {
+        local_s,
+        comm_s: t.elapsed().as_secs_f64(),
+    })
+}
+
+/// One worker's part: `steps` timed aggregations (after one warm-up) of fresh normal values.
+/// Returns the bytes sent per step and each timed step's phases.
+fn run_worker(
     comm: &mut dyn Communicator,
     method: Method,
     algo: GtopkAlgo,
     d: usize,
-    density: f64,
+    k: usize,
     steps: usize,
-) -> Result<(u64, Vec<f64>)> {
-    let cfg = CompressorConfig {
-        method,
-        gtopk: algo,
-        ..CompressorConfig::default()
-    };
-    let mut c = Compressor::new(cfg, &[d])?;
+) -> Result<(u64, Vec<Phases>)> {
+    let layout = Layout::new(Scope::Model, &[d])?;
+    let ks = [k];
     let mut rng = Rng::derive(1, "bench-comm", comm.rank() as u64);
-    let mut grad = vec![0f32; d];
-    let mut update = vec![0f32; d];
-    let (mut bytes, mut times) = (0, Vec::new());
+    let mut acc = vec![0f32; d];
+    let mut sum = vec![0f32; d];
+    let (mut bytes, mut phases) = (0, Vec::new());
     for step in 0..=steps {
-        grad.iter_mut().for_each(|g| *g = rng.normal());
-        let t = Instant::now();
-        let r = c.step(comm, &grad, density, StepOptions::default(), &mut update)?;
+        acc.iter_mut().for_each(|g| *g = rng.normal());
+        let before = comm.traffic();
+        let p = one_step(comm, method, algo, &layout, &ks, &acc, &mut sum)?;
         if step > 0 {
-            times.push(t.elapsed().as_secs_f64());
-            bytes = r.traffic.sent;
+            // The barrier's byte is not the scheme's traffic.
+            bytes = (comm.traffic() - before).sent - barrier_bytes(comm.world_size());
+            phases.push(p);
         }
     }
-    Ok((bytes, times))
+    Ok((bytes, phases))
+}
+
+/// What one barrier sends per worker: a ring all-gather of one-byte messages.
+fn barrier_bytes(world: usize) -> u64 {
+    world as u64 - 1
 }
 
 /// Every scheme at every size on this group of workers; the rows are complete on every rank.
-pub fn run_group(comm: &mut dyn Communicator, sizes: &[usize], density: f64, steps: usize) -> Result<Vec<CommRow>> {
+pub fn run_group(
+    comm: &mut dyn Communicator,
+    sizes: &[usize],
+    density: f64,
+    steps: usize,
+    link: Link,
+) -> Result<Vec<CommRow>> {
+    ensure!(steps >= 1, "bench comm: at least one timed step");
     let world = comm.world_size();
     let mut rows = Vec::new();
     for &d in sizes {
         let k = ((density * d as f64).floor() as usize).max(1);
         for (name, method, algo) in SCHEMES {
-            let (bytes, times) = run_worker(comm, method, algo, d, density, steps)?;
+            let (bytes, phases) = run_worker(comm, method, algo, d, k, steps)?;
             let mut mine: Vec<u8> = bytes.to_le_bytes().to_vec();
-            for t in &times {
-                mine.extend(t.to_le_bytes());
+            for p in &phases {
+                mine.extend(p.local_s.to_le_bytes());
+                mine.extend(p.comm_s.to_le_bytes());
             }
             let all = comm.all_gather(&mine)?;
             let parsed: Vec<(u64, Vec<f64>)> = all
                 .iter()
                 .map(|m| {
-                    ensure!(m.len() == 8 * (1 + steps), "a worker sent {} bytes of results", m.len());
+                    ensure!(
+                        m.len() == 8 * (1 + 2 * steps),
+                        "a worker sent {} bytes of results",
+                        m.len()
+                    );
                     let b = u64::from_le_bytes(m[..8].try_into().expect("8 bytes"));
                     let ts = m[8..]
                         .chunks_exact(8)
@@ -90,11 +181,15 @@ pub fn run_group(comm: &mut dyn Communicator, sizes: &[usize], density: f64, ste
                     Ok((b, ts))
                 })
                 .collect::<Result<_>>()?;
-            let mut slowest: Vec<f64> = (0..steps)
-                .map(|s| parsed.iter().map(|(_, t)| t[s]).fold(0.0, f64::max))
-                .collect();
-            slowest.sort_by(f64::total_cmp);
+            // Per step, the slowest worker: a step ends when its last worker is done.
+            let slowest = |phase: usize| -> f64 {
+                let per_step: Vec<f64> = (0..steps)
+                    .map(|s| parsed.iter().map(|(_, t)| t[2 * s + phase]).fold(0.0, f64::max))
+                    .collect();
+                median(&per_step)
+            };
             let kk = if method == Method::Dense { d } else { k };
+            let path = critical_path(method, algo, world, d, k);
             rows.push(CommRow {
                 scheme: name.to_string(),
                 workers: world,
@@ -103,36 +198,81 @@ pub fn run_group(comm: &mut dyn Communicator, sizes: &[usize], density: f64, ste
                 bytes_per_worker: parsed.iter().map(|(b, _)| *b as f64).sum::<f64>() / world as f64,
                 theory_bytes_per_worker: theory_total_bytes(method, algo, world, d, k) as f64 / world as f64,
                 max_bytes_worker: parsed.iter().map(|(b, _)| *b).max().unwrap_or(0),
-                seconds_per_step: slowest.get(steps / 2).copied().unwrap_or(f64::NAN),
+                critical_bytes: path.bytes,
+                local_s: slowest(0),
+                comm_s: slowest(1),
+                floor_s: link.rate.map(|r| path.bytes / r),
+                model_s: link.model.map(|net| comm_seconds(&net, method, algo, world, d, k)),
             });
         }
     }
     Ok(rows)
 }
 
-/// An nccl-tests-style table.
+/// A link rate in tc's words (`100mbit`, `1gbit`, `2.5gbit`, `800kbit`; decimal units, as tc reads
+/// them) or plain bytes per second, as bytes per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let units = [
+        ("tbit", 1e12 / 8.0),
+        ("gbit", 1e9 / 8.0),
+        ("mbit", 1e6 / 8.0),
+        ("kbit", 1e3 / 8.0),
+        ("bit", 1.0 / 8.0),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
+        .unwrap_or((t.as_str(), 1.0));
+    match num.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v * mult),
+        _ => Err(format!(
+            "{s:?} is not a rate like 100mbit, 1gbit or 125000000 (bytes per second)"
+        )),
+    }
+}
+
+/// An nccl-tests-style table; the floor and model columns where the rows have them.
 pub fn render(rows: &[CommRow]) -> String {
+    let floors = rows.iter().any(|r| r.floor_s.is_some());
+    let models = rows.iter().any(|r| r.model_s.is_some());
     let mut s = format!(
-        "{:>12} {:>3} {:>10} {:>8} {:>14} {:>14} {:>6} {:>14} {:>10}\n",
-        "scheme", "P", "d", "k", "bytes/worker", "theory", "match", "max/worker", "ms/step"
+        "{:>10} {:>3} {:>10} {:>7} {:>13} {:>6} {:>11} {:>9} {:>9}",
+        "scheme", "P", "d", "k", "bytes/worker", "theory", "critical", "local ms", "comm ms"
     );
+    if floors {
+        s += &format!(" {:>9} {:>7}", "floor ms", "x floor");
+    }
+    if models {
+        s += &format!(" {:>9} {:>8}", "model ms", "x model");
+    }
+    s.push('\n');
     for r in rows {
         s += &format!(
-            "{:>12} {:>3} {:>10} {:>8} {:>14.0} {:>14.0} {:>6} {:>14} {:>10.3}\n",
+            "{:>10} {:>3} {:>10} {:>7} {:>13.0} {:>6} {:>11.0} {:>9.3} {:>9.3}",
             r.scheme,
             r.workers,
             r.d,
             r.k,
             r.bytes_per_worker,
-            r.theory_bytes_per_worker,
             if (r.bytes_per_worker - r.theory_bytes_per_worker).abs() < 0.5 {
                 "yes"
             } else {
                 "NO"
             },
-            r.max_bytes_worker,
-            r.seconds_per_step * 1e3
+            r.critical_bytes,
+            r.local_s * 1e3,
+            r.comm_s * 1e3,
         );
+        let ratio = |x: Option<f64>| x.map_or(String::from("-"), |x| format!("{:.2}", r.comm_s / x));
+        let ms = |x: Option<f64>| x.map_or(String::from("-"), |x| format!("{:.3}", x * 1e3));
+        if floors {
+            s += &format!(" {:>9} {:>7}", ms(r.floor_s), ratio(r.floor_s));
+        }
+        if models {
+            s += &format!(" {:>9} {:>8}", ms(r.model_s), ratio(r.model_s));
+        }
+        s.push('\n');
     }
     s
 }
@@ -144,16 +284,57 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn rates_read_as_tc_writes_them() {
+        assert_eq!(parse_rate("100mbit"), Ok(12.5e6));
+        assert_eq!(parse_rate("1Gbit"), Ok(125e6));
+        assert_eq!(parse_rate("2.5gbit"), Ok(312.5e6));
+        assert_eq!(parse_rate("125000"), Ok(125e3));
+        for bad in ["", "fast", "0mbit", "-1gbit", "1 gbyte"] {
+            assert!(parse_rate(bad).unwrap_err().contains("not a rate"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn floors_and_models_follow_the_critical_path() {
+        let link = Link {
+            rate: Some(1e6),
+            model: Some(Network {
+                name: "t",
+                alpha: 1e-3,
+                beta: 1e-6,
+            }),
+        };
+        let handles: Vec<_> = LocalComm::group(4, Duration::from_secs(20))
+            .into_iter()
+            .map(|mut c| std::thread::spawn(move || run_group(&mut c, &[4000], 0.01, 1, link).unwrap()))
+            .collect();
+        let rows: Vec<Vec<CommRow>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let by = |name: &str| rows[0].iter().find(|r| r.scheme == name).unwrap().clone();
+        // Dense ring: 2 (P-1)/P of 4d bytes, in 2 (P-1) messages.
+        let dense = by("dense");
+        assert_eq!(dense.critical_bytes, 1.5 * 16000.0);
+        assert_eq!(dense.floor_s, Some(0.024));
+        assert!((dense.model_s.unwrap() - (6e-3 + 0.024)).abs() < 1e-12);
+        // gTop-k tree: 2 rounds up, 2 down, one 40-pair set each.
+        let tree = by("gtopk-tree");
+        assert_eq!(tree.critical_bytes, 4.0 * 320.0);
+        assert!(render(&rows[0]).contains("x floor"));
+    }
+
+    #[test]
     fn measured_bytes_equal_theory_for_every_scheme_and_p() {
         for world in [1, 2, 3, 4, 5, 8] {
             let handles: Vec<_> = LocalComm::group(world, Duration::from_secs(20))
                 .into_iter()
-                .map(|mut c| std::thread::spawn(move || run_group(&mut c, &[1000, 777], 0.01, 2).unwrap()))
+                .map(|mut c| {
+                    std::thread::spawn(move || run_group(&mut c, &[1000, 777], 0.01, 2, Link::default()).unwrap())
+                })
                 .collect();
             let results: Vec<Vec<CommRow>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
             for r in &results[0] {
                 assert_eq!(r.bytes_per_worker, r.theory_bytes_per_worker, "{r:?}");
-                assert!(r.seconds_per_step >= 0.0);
+                assert!(r.comm_s >= 0.0 && r.local_s >= 0.0);
+                assert!(r.floor_s.is_none() && r.model_s.is_none());
             }
             assert_eq!(results[0].len(), 8);
             let table = render(&results[0]);

@@ -5,6 +5,7 @@ pub mod comm;
 mod cuda;
 pub mod harness;
 pub mod kernels;
+pub mod p2p;
 pub mod simulate;
 pub mod step;
 pub mod theory;

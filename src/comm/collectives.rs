@@ -20,47 +20,72 @@ pub fn ring_chunks(len: usize, world: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Values per message of the ring: chunks are cut into segments this long, so that a segment can
+/// travel on while the rest of its chunk is still arriving (1 MiB of f32).
+const SEGMENT: usize = 1 << 18;
+
+/// `range` cut into consecutive pieces of at most `SEGMENT` values (one piece if it is empty).
+fn segments(range: &Range<usize>) -> impl Iterator<Item = Range<usize>> + '_ {
+    let n = range.len().div_ceil(SEGMENT).max(1);
+    (0..n).map(move |j| range.start + j * SEGMENT..(range.start + (j + 1) * SEGMENT).min(range.end))
+}
+
+/// Ring all-reduce: P-1 reduce-scatter steps, then P-1 all-gather steps, each moving one chunk to
+/// the right neighbour. Pipelined by segment: segment j of step s goes out as soon as segment j
+/// of step s-1 (the same chunk) has come in and been added, so the link stays busy while the
+/// adds run, instead of idling between whole chunks. The order of additions is the unpipelined
+/// ring's, so every rank ends with the same bits as before.
 pub(super) fn ring_all_reduce<C: Communicator + ?Sized>(c: &mut C, buf: &mut [f32]) -> Result<()> {
     let (rank, world) = (c.rank(), c.world_size());
     if world == 1 {
         return Ok(());
     }
     let chunks = ring_chunks(buf.len(), world);
-    // Reduce-scatter: after P-1 steps rank r holds the full sum of chunk (r + 1) mod P.
-    for step in 0..world - 1 {
-        let send_c = (rank + world - step) % world;
-        let recv_c = (rank + world - step - 1) % world;
-        let got = shift_chunk(c, buf, &chunks[send_c], &chunks[recv_c])?;
-        for (d, g) in buf[chunks[recv_c].clone()].iter_mut().zip(got) {
-            *d += g;
+    let (right, left) = ((rank + 1) % world, (rank + world - 1) % world);
+    let steps = 2 * (world - 1);
+    // Reduce-scatter step s sends chunk rank - s; all-gather step t = s - (P-1) sends rank + 1 - t.
+    // What step s receives is what step s + 1 sends.
+    let send_chunk = |s: usize| {
+        if s < world - 1 {
+            (rank + world - s) % world
+        } else {
+            (rank + 1 + world - (s - (world - 1))) % world
+        }
+    };
+    // The reduce-scatter adds what comes in; the all-gather copies it, so all ranks end equal.
+    let take = |buf: &mut [f32], s: usize, seg: Range<usize>, got: Vec<f32>| {
+        if s < world - 1 {
+            for (d, g) in buf[seg].iter_mut().zip(got) {
+                *d += g;
+            }
+        } else {
+            buf[seg].copy_from_slice(&got);
+        }
+    };
+    for s in 0..steps {
+        for seg in segments(&chunks[send_chunk(s)]) {
+            if s > 0 {
+                let got = recv_segment(c, left, seg.len())?;
+                take(buf, s - 1, seg.clone(), got);
+            }
+            c.send(right, &f32s_to_bytes(&buf[seg]))?;
         }
     }
-    // All-gather of the reduced chunks: copies, so every rank ends with the same bits.
-    for step in 0..world - 1 {
-        let send_c = (rank + 1 + world - step) % world;
-        let recv_c = (rank + world - step) % world;
-        let got = shift_chunk(c, buf, &chunks[send_c], &chunks[recv_c])?;
-        buf[chunks[recv_c].clone()].copy_from_slice(&got);
+    let last = (send_chunk(steps - 1) + world - 1) % world;
+    for seg in segments(&chunks[last]) {
+        let got = recv_segment(c, left, seg.len())?;
+        take(buf, steps - 1, seg, got);
     }
     Ok(())
 }
 
-/// One ring step: chunk `send` of `buf` goes right, the left neighbour's chunk `recv` comes back.
-fn shift_chunk<C: Communicator + ?Sized>(
-    c: &mut C,
-    buf: &[f32],
-    send: &Range<usize>,
-    recv: &Range<usize>,
-) -> Result<Vec<f32>> {
-    let world = c.world_size();
-    let (right, left) = ((c.rank() + 1) % world, (c.rank() + world - 1) % world);
-    c.send(right, &f32s_to_bytes(&buf[send.clone()]))?;
+/// One segment from the left neighbour, checked for its length.
+fn recv_segment<C: Communicator + ?Sized>(c: &mut C, left: usize, len: usize) -> Result<Vec<f32>> {
     let got = bytes_to_f32s(&c.recv(left)?)?;
     ensure!(
-        got.len() == recv.len(),
-        "all-reduce: rank {left} sent {} values, expected {}",
+        got.len() == len,
+        "all-reduce: rank {left} sent {} values, expected {len}",
         got.len(),
-        recv.len()
     );
     Ok(got)
 }
@@ -161,4 +186,76 @@ pub(super) fn tree_broadcast<C: Communicator + ?Sized>(c: &mut C, root: usize, m
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::local::LocalComm;
+    use crate::rng::Rng;
+    use std::time::Duration;
+
+    fn values(rank: usize, len: usize) -> Vec<f32> {
+        let mut rng = Rng::derive(7, "ring", rank as u64);
+        (0..len).map(|_| rng.normal() * 1e3).collect()
+    }
+
+    /// The ring's order of additions, element by element: chunk c starts at rank c and each next
+    /// rank adds its own value to what came in.
+    fn ring_order_sum(world: usize, len: usize) -> Vec<f32> {
+        let all: Vec<Vec<f32>> = (0..world).map(|r| values(r, len)).collect();
+        let mut out = vec![0f32; len];
+        for (c, range) in ring_chunks(len, world).into_iter().enumerate() {
+            for i in range {
+                let mut acc = all[c][i];
+                for q in 1..world {
+                    acc += all[(c + q) % world][i];
+                }
+                out[i] = acc;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_pipelined_ring_adds_in_the_ring_order_on_every_rank() {
+        // Lengths with one segment per chunk, several (the last one short), and empty chunks.
+        for (world, len) in [
+            (2, 5),
+            (3, 2),
+            (3, 3 * SEGMENT + 7),
+            (4, 2 * 4 * SEGMENT + 4 * 3 + 1),
+            (5, SEGMENT + 1),
+        ] {
+            let handles: Vec<_> = LocalComm::group(world, Duration::from_secs(30))
+                .into_iter()
+                .map(|mut c| {
+                    std::thread::spawn(move || {
+                        let mut buf = values(c.rank(), len);
+                        c.all_reduce_sum(&mut buf).unwrap();
+                        buf
+                    })
+                })
+                .collect();
+            let want = ring_order_sum(world, len);
+            for (rank, h) in handles.into_iter().enumerate() {
+                let got = h.join().unwrap();
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "P = {world}, len = {len}: rank {rank} differs from the ring's order of additions"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn segments_cover_a_range_in_order() {
+        for range in [0..0, 3..3, 5..6, 0..SEGMENT, 7..7 + 2 * SEGMENT + 1] {
+            let segs: Vec<_> = segments(&range).collect();
+            assert_eq!(segs.first().unwrap().start, range.start);
+            assert_eq!(segs.last().unwrap().end, range.end);
+            assert!(segs.windows(2).all(|w| w[0].end == w[1].start));
+            assert!(segs.iter().all(|s| s.len() <= SEGMENT));
+        }
+    }
 }

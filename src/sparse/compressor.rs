@@ -6,13 +6,13 @@ use super::config::{CompressorConfig, CompressorState, Method, ResidualPolicy, S
 use super::delta::{delta_expected, delta_sampled};
 use super::layout::Layout;
 use super::randomk::random_selection;
-use super::reduce::gtopk_reduce;
+use super::reduce::{gtopk_reduce, topk_gather_sum};
 use super::set::SparseSet;
 use crate::comm::timed::Timed;
 use crate::comm::Communicator;
 use crate::par;
 use crate::rng::Rng;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 
 pub struct Compressor {
     cfg: CompressorConfig,
@@ -188,15 +188,8 @@ impl Compressor {
     fn topk(&mut self, comm: &mut dyn Communicator, ks: &[usize], sum: &mut [f32]) -> Result<Applied> {
         let wire = self.cfg.wire;
         let sel = self.select(ks)?;
-        let pieces = comm.all_gather(&wire.encode(&sel))?;
         par::each_mut(sum, |c| c.fill(0.0));
-        for (r, piece) in pieces.iter().enumerate() {
-            let set = wire
-                .decode(piece, self.layout.d())
-                .and_then(|s| self.layout.check_counts(&s, ks).map(|()| s))
-                .with_context(|| format!("top-k all-gather: set of rank {r}"))?;
-            set.scatter_add(sum);
-        }
+        topk_gather_sum(comm, &sel, &self.layout, ks, wire, sum)?;
         par::copy(&mut self.residual, &self.acc);
         for (i, v) in sel.iter() {
             let sent = wire.round(v);
