@@ -6,7 +6,7 @@ use super::config::{CompressorConfig, CompressorState, Method, ResidualPolicy, S
 use super::delta::{delta_expected, delta_sampled};
 use super::layout::Layout;
 use super::randomk::random_selection;
-use super::reduce::{gtopk_reduce, topk_gather_sum};
+use super::reduce::{gtopk_reduce, topk_gather};
 use super::set::SparseSet;
 use crate::comm::timed::Timed;
 use crate::comm::Communicator;
@@ -188,8 +188,11 @@ impl Compressor {
     fn topk(&mut self, comm: &mut dyn Communicator, ks: &[usize], sum: &mut [f32]) -> Result<Applied> {
         let wire = self.cfg.wire;
         let sel = self.select(ks)?;
+        let sets = topk_gather(comm, &sel, &self.layout, ks, wire)?;
         par::each_mut(sum, |c| c.fill(0.0));
-        topk_gather_sum(comm, &sel, &self.layout, ks, wire, sum)?;
+        for set in &sets {
+            set.scatter_add(sum);
+        }
         par::copy(&mut self.residual, &self.acc);
         for (i, v) in sel.iter() {
             let sent = wire.round(v);

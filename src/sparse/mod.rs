@@ -31,7 +31,7 @@ pub use delta::{delta_expected, delta_sampled};
 pub use layout::{Layout, Scope, Segment};
 pub use merge::merge;
 pub use randomk::{random_coords, random_selection};
-pub use reduce::{gtopk_reduce, topk_gather_sum, Reduction};
+pub use reduce::{gtopk_reduce, topk_gather, Reduction};
 pub use schedule::{group_leader, recursive_doubling_schedule, tree_schedule, RdSchedule};
 pub use set::SparseSet;
 pub use topk::top_k;

@@ -50,26 +50,26 @@ pub fn gtopk_reduce(
     })
 }
 
-/// Top-k S-SGD's exchange: every rank's set to every rank (ring all-gather), each checked and
-/// scatter-added into `sum`, which the caller has zeroed. Identical bits on every rank: the sets
-/// are added in rank order.
-pub fn topk_gather_sum(
+/// Top-k S-SGD's exchange: every rank's set to every rank (ring all-gather), each checked. The
+/// sets come in rank order on every rank, so adding them in that order gives identical bits
+/// everywhere.
+pub fn topk_gather(
     comm: &mut dyn Communicator,
     local: &SparseSet,
     layout: &Layout,
     ks: &[usize],
     wire: Wire,
-    sum: &mut [f32],
-) -> Result<()> {
+) -> Result<Vec<SparseSet>> {
     let pieces = comm.all_gather(&wire.encode(local))?;
-    for (r, piece) in pieces.iter().enumerate() {
-        let set = wire
-            .decode(piece, layout.d())
-            .and_then(|s| layout.check_counts(&s, ks).map(|()| s))
-            .with_context(|| format!("top-k all-gather: set of rank {r}"))?;
-        set.scatter_add(sum);
-    }
-    Ok(())
+    pieces
+        .iter()
+        .enumerate()
+        .map(|(r, piece)| {
+            wire.decode(piece, layout.d())
+                .and_then(|s| layout.check_counts(&s, ks).map(|()| s))
+                .with_context(|| format!("top-k all-gather: set of rank {r}"))
+        })
+        .collect()
 }
 
 struct Reducer<'a> {
