@@ -10,9 +10,10 @@ Usage: scripts/netlab.sh COMMAND ...
   up P RATE [--burst BYTES]   make hosts h0..h(P-1) on one switch, each link shaped to RATE both
                               ways (tc tbf), then check the shaping; replaces a lab already up
   rate RATE [--burst BYTES]   reshape every link of the lab that is up
-  check                       measure the shaping: a bulk transfer h0 -> h1 must reach 90% of RATE,
-                              and a 118 KB message (a VGG-16 sparse set) must not pass faster than
-                              the rate allows
+  check                       measure the shaping: 2 s of bulk transfer h0 -> h1 must reach 90% of
+                              RATE (NETLAB_MIN_FRACTION),
+                              and a 118 KB message (a VGG-16 sparse set) must not pass faster
+                              than the rate and bucket allow
   run H CMD...                run CMD on host H (in its namespace, as this user)
   addr H                      print host H's address
   hosts                       print every host's address, one a line (a hostfile)
@@ -24,7 +25,8 @@ Usage: scripts/netlab.sh COMMAND ...
 
 RATE is tc's syntax: 100mbit, 1gbit, 2500mbit, ... The bucket (tbf burst) defaults to 2 ms of
 line rate, at least 16 KB: a larger bucket lets a whole sparse message through at once and
-flatters exactly the small messages gTop-k and Top-k send. The queue holds 50 ms.
+flatters exactly the small messages gTop-k and Top-k send. The queue holds 100 ms of line rate,
+at least 1000 full packets.
 
 Hosts are at 10.77.0.1 .. 10.77.0.P (host H at 10.77.0.(H+1)); names start with $NETLAB_PREFIX
 (default gtl): namespaces gtl-h0.., gtl-sw. Every link is made inside the lab's namespaces, so
@@ -78,14 +80,24 @@ hosts_up() {
     [[ -f $STATE_DIR/hosts ]] && cat "$STATE_DIR/hosts" || echo 0
 }
 
+# The queue behind the shaper: 100 ms of line rate, at least 1000 full packets (what a NIC's ring
+# and Linux's default qdisc hold). A shorter one drops in TCP's slow start at low rates, and a
+# retransmission timeout then costs a short transfer a fifth of its rate or more.
+queue_bytes() {
+    local q=$(($1 / 10))
+    ((q < 1514000)) && q=1514000
+    echo "$q"
+}
+
 shape() {
-    local rate=$1 burst=$2 p
+    local rate=$1 burst=$2 p limit
     p=$(hosts_up)
     ((p > 0)) || die "no lab is up (scripts/netlab.sh up P RATE)"
+    limit=$(queue_bytes "$(rate_bytes "$rate")")
     for ((h = 0; h < p; h++)); do
         # Host egress (its upload) and the switch port's egress (its download).
-        ip netns exec "$(ns "$h")" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" latency 50ms
-        ip netns exec "$SW" tc qdisc replace dev "p$h" root tbf rate "$rate" burst "$burst" latency 50ms
+        ip netns exec "$(ns "$h")" tc qdisc replace dev eth0 root tbf rate "$rate" burst "$burst" limit "$limit"
+        ip netns exec "$SW" tc qdisc replace dev "p$h" root tbf rate "$rate" burst "$burst" limit "$limit"
     done
     echo "$rate" >"$STATE_DIR/rate"
     echo "$burst" >"$STATE_DIR/burst"
@@ -148,7 +160,7 @@ up() {
     done
     echo "$p" >"$STATE_DIR/hosts"
     shape "$rate" "$burst"
-    echo "netlab: $p hosts at $NET.1-$NET.$p, every link $rate both ways (tbf burst $burst bytes, queue 50 ms)" >&2
+    echo "netlab: $p hosts at $NET.1-$NET.$p, every link $rate both ways (tbf burst $burst bytes, queue $(queue_bytes "$(rate_bytes "$rate")") bytes)" >&2
     check
     trap - INT TERM EXIT
 }
@@ -210,7 +222,7 @@ check() {
     rate=$(cat "$STATE_DIR/rate")
     burst=$(cat "$STATE_DIR/burst")
     bps=$(rate_bytes "$rate")
-    local bulk=$((bps > 2000000 ? bps : 2000000))
+    local bulk=$((2 * bps > 4000000 ? 2 * bps : 4000000))
     ((bulk > 268435456)) && bulk=268435456
     local t small=118000
     t=$(transfer "$bulk" 1000000)

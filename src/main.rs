@@ -85,7 +85,8 @@ enum Command {
         /// The JSON of `gtopk bench step --json`: d, k, compute and sparsification seconds.
         #[arg(long, value_name = "FILE.json", conflicts_with_all = ["d", "density", "compute", "sparsify"])]
         from_step: Option<PathBuf>,
-        /// Networks.
+        /// Networks: 1gbe, 10gbe, ib100, or fit:ALPHA:BETA (seconds per message and per byte, as
+        /// `bench p2p-rank` fits them).
         #[arg(long, value_delimiter = ',', default_values_t = ["1gbe".to_string(), "10gbe".into(), "ib100".into()])]
         networks: Vec<String>,
         /// Numbers of workers P.

@@ -41,12 +41,31 @@ pub const PRESETS: [Network; 3] = [
     },
 ];
 
+/// A preset by name, or `fit:ALPHA:BETA` (seconds per message, seconds per byte), as
+/// `gtopk bench p2p-rank` fits them to a network.
 pub fn preset(name: &str) -> Result<Network> {
+    if let Some(rest) = name.strip_prefix("fit:") {
+        let parsed: Option<(f64, f64)> = rest
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+        return match parsed {
+            Some((alpha, beta)) if alpha >= 0.0 && beta >= 0.0 && alpha.is_finite() && beta.is_finite() => {
+                Ok(Network {
+                    name: "fit",
+                    alpha,
+                    beta,
+                })
+            }
+            _ => anyhow::bail!(
+                "--networks {name:?}: expected fit:ALPHA:BETA, non-negative seconds per message and per byte"
+            ),
+        };
+    }
     PRESETS
         .iter()
         .find(|n| n.name == name)
         .copied()
-        .with_context(|| format!("--networks: unknown network {name:?}; allowed: 1gbe, 10gbe, ib100"))
+        .with_context(|| format!("--networks: unknown network {name:?}; allowed: 1gbe, 10gbe, ib100, fit:ALPHA:BETA"))
 }
 
 /// The per-worker costs that do not depend on the network.
@@ -207,6 +226,11 @@ mod tests {
         .unwrap();
         assert!(slow[2].speedup_vs_topk > slow[0].speedup_vs_topk && slow[2].speedup_vs_topk > 1.0);
         assert!(preset("token-ring").unwrap_err().to_string().contains("--networks"));
+        let fit = preset("fit:1.8e-5:8e-8").unwrap();
+        assert_eq!((fit.name, fit.alpha, fit.beta), ("fit", 1.8e-5, 8e-8));
+        for bad in ["fit:", "fit:1", "fit:-1:1", "fit:1:x", "fit:1:inf"] {
+            assert!(preset(bad).unwrap_err().to_string().contains("fit:ALPHA:BETA"), "{bad}");
+        }
         assert!(simulate(&[net], &[4], &Workload { k: 0, ..w }).is_err());
     }
 }
