@@ -12,27 +12,7 @@ use std::time::Duration;
 /// user types it: the process decides its threads itself.
 fn bare_command(cfg: &Path, run: &Path, sets: &[&str]) -> Command {
     let mut cmd = train_command(cfg, "--run-dir", run, sets);
-    cmd.env_remove("RAYON_NUM_THREADS");
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        let launcher = ["OMPI_", "PMI_", "SLURM_", "MPI_LOCAL"]
-            .iter()
-            .any(|p| k.starts_with(p))
-            || [
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_RANK",
-                "LOCAL_WORLD_SIZE",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-                "GTOPK_SPAWNED_BY",
-                "GTOPK_JOB_SECRET",
-            ]
-            .contains(&k.as_ref());
-        if launcher {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+    common::without_launcher(&mut cmd).env_remove("RAYON_NUM_THREADS");
     cmd
 }
 
