@@ -24,11 +24,18 @@ fn allow_root(cmd: &mut Command) -> &mut Command {
 /// `mpirun -np 4 gtopk train ...` on one host: oversubscribed (CI has 2 cores), unbound, allowed
 /// to run as root (CI runs as root), with the fault plan and thread count passed to every rank.
 fn mpirun(cfg: &Path, run: &Path, sets: &[&str], fault: Option<&str>) -> Rank {
+    mpirun_with_threads(cfg, run, sets, fault, Some("1"))
+}
+
+/// `mpirun` with `RAYON_NUM_THREADS` set to `threads` for every rank, or removed (None): each rank
+/// then takes its share of the cores by itself.
+fn mpirun_with_threads(cfg: &Path, run: &Path, sets: &[&str], fault: Option<&str>, threads: Option<&str>) -> Rank {
     let mut cmd = Command::new("mpirun");
-    allow_root(&mut cmd)
-        .args(["-np", &WORLD.to_string(), "--oversubscribe", "--bind-to", "none"])
-        .env("RAYON_NUM_THREADS", "1")
-        .args(["-x", "RAYON_NUM_THREADS"]);
+    allow_root(&mut cmd).args(["-np", &WORLD.to_string(), "--oversubscribe", "--bind-to", "none"]);
+    match threads {
+        Some(t) => cmd.env("RAYON_NUM_THREADS", t).args(["-x", "RAYON_NUM_THREADS"]),
+        None => cmd.env_remove("RAYON_NUM_THREADS"),
+    };
     if let Some(f) = fault {
         cmd.env(gtopk::fault::ENV, f).args(["-x", gtopk::fault::ENV]);
     }
@@ -83,6 +90,37 @@ fn mpi_ranks_match_in_process_workers_bit_for_bit() {
         assert!(err.contains("over mpi"), "{name}: not over mpi: {err}");
         assert_eq!(common::records(&local), common::records(&over_mpi), "{name}");
     }
+}
+
+/// The issue-31 bar: ranks left to choose their own threads (the node's cores shared by the 4 ranks
+/// there: 1 each on CI's 2 cores) train to the same bits as 4 in-process workers of 3 threads each.
+/// 32 samples a worker, so that the convolutions' weight gradients sum over several groups of
+/// samples: the sum whose grouping once followed the thread count. (Other tests here that run
+/// in-process workers meanwhile get 3 threads too: their bits must not change either.)
+#[test]
+fn mpi_ranks_with_default_threads_match_in_process_workers_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path());
+    let sets = [
+        "sparse.method=gtopk",
+        "sparse.density=0.01",
+        "dist.workers=4",
+        "train.batch_size=128",
+        "data.synthetic_train=384",
+        "train.epochs=1",
+        "dist.backend=mpi",
+    ];
+    let local = dir.path().join("local");
+    std::env::set_var("RAYON_NUM_THREADS", "3");
+    common::run(&common::config(&sets[..6]), &local, false).unwrap();
+    let over_mpi = dir.path().join("mpi");
+    let job = mpirun_with_threads(&cfg, &over_mpi, &sets, None, None);
+    let (code, err) = finish(vec![job], Duration::from_secs(300)).remove(0);
+    assert_eq!(code, 0, "mpirun failed: {err}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let share = format!("({cores} cores shared by 4 ranks on this node, from OMPI_COMM_WORLD_LOCAL_SIZE)");
+    assert!(err.contains(&share), "no {share:?} in: {err}");
+    assert_eq!(common::records(&local), common::records(&over_mpi));
 }
 
 /// MPI's own all-reduce adds in its own order: the same training to rounding, not to the bit.

@@ -310,24 +310,7 @@ fn a_rank_that_never_starts_ends_the_others_within_the_timeout() {
 /// starts the ranks itself.
 fn one_command(cfg: &Path, how: &str, run: &Path, sets: &[&str]) -> Command {
     let mut cmd = common::train_command(cfg, how, run, sets);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        let launcher = ["OMPI_", "PMI_", "SLURM_"].iter().any(|p| k.starts_with(p))
-            || [
-                "RANK",
-                "WORLD_SIZE",
-                "LOCAL_RANK",
-                "MASTER_ADDR",
-                "MASTER_PORT",
-                "MPI_LOCALRANKID",
-                "GTOPK_SPAWNED_BY",
-                "GTOPK_JOB_SECRET",
-            ]
-            .contains(&k.as_ref());
-        if launcher {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+    common::without_launcher(&mut cmd);
     cmd
 }
 

@@ -88,3 +88,45 @@ pub(in crate::models) fn pool_parallelism() -> Parallelism {
         n => Parallelism::Rayon(n),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `gemm` crate splits a product over threads by output tiles and sums each tile's depth
+    /// in blocks sized by the shape and the caches, never by the thread count, so a product has the
+    /// same bits on any pool. Shapes above its threading threshold (48 * 48 * 256 multiply-adds),
+    /// ragged against its 16 x 4 / 48 x 6 tiles, with a depth over one cache block, each layout.
+    #[test]
+    fn a_product_has_the_same_bits_on_any_pool() {
+        let (m, n, k) = (203, 157, 1100);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0).collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 104729 % 1000) as f32 - 500.0) / 89.0)
+            .collect();
+        let product = |threads: usize, transposed: bool, accumulate: bool| {
+            let mut c: Vec<f32> = (0..m * n).map(|i| i as f32 / 3.0).collect();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let (a, b) = if transposed {
+                    (Mat::transposed(&a, m), Mat::transposed(&b, k))
+                } else {
+                    (Mat::rows(&a, k), Mat::rows(&b, n))
+                };
+                gemm_into((m, n, k), &mut c, accumulate, a, b, pool_parallelism());
+            });
+            c.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        for transposed in [false, true] {
+            for accumulate in [false, true] {
+                let one = product(1, transposed, accumulate);
+                for threads in 2..=4 {
+                    assert!(
+                        product(threads, transposed, accumulate) == one,
+                        "{threads} threads (transposed {transposed}, accumulate {accumulate})"
+                    );
+                }
+            }
+        }
+    }
+}

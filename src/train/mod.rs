@@ -380,8 +380,12 @@ fn train_process(
 ) -> Result<Summary> {
     let started = Instant::now();
     let rank = info.rank;
-    // One worker in this process: its share of the cores is what the launcher gave it.
-    threads::budget_per_worker(1);
+    // One worker in this process, sharing the node's cores with the launcher's other ranks there.
+    let t = threads::budget_per_rank(info.source).map_err(|e| ranked(rank, e))?;
+    if info.local_rank == 0 {
+        let plural = if t.threads == 1 { "" } else { "s" };
+        eprintln!("rank {rank}: {} compute thread{plural} per rank ({})", t.threads, t.why);
+    }
     threads::keep_freed_memory();
     if info.world_size != cfg.dist.workers {
         bail!(

@@ -125,11 +125,6 @@ fn fresh_secret() -> String {
 pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
     let port = free_port()?;
     let secret = fresh_secret();
-    // As scripts/launch.sh: the ranks share the cores instead of each taking all of them.
-    let threads = std::env::var_os("RAYON_NUM_THREADS").is_none().then(|| {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        (cores / o.world).max(1)
-    });
     let mut job = Job(Vec::with_capacity(o.world));
     for rank in 0..o.world {
         let mut cmd = Command::new(&o.exe);
@@ -137,6 +132,8 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
             .env("RANK", rank.to_string())
             .env("WORLD_SIZE", o.world.to_string())
             .env("LOCAL_RANK", rank.to_string())
+            // As torchrun says it: each rank then takes its share of the cores (threads.rs).
+            .env("LOCAL_WORLD_SIZE", o.world.to_string())
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env("GTOPK_JOB_SECRET", &secret)
@@ -148,9 +145,6 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
             } else {
                 Stdio::piped()
             });
-        if let Some(t) = threads {
-            cmd.env("RAYON_NUM_THREADS", t.to_string());
-        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", o.exe.display()))?;
@@ -316,7 +310,7 @@ mod tests {
     #[test]
     fn every_rank_gets_its_variables_and_rank_0_its_summary() {
         let script = format!(
-            "test \"$WORLD_SIZE $LOCAL_RANK $MASTER_ADDR\" = \"3 $RANK 127.0.0.1\" && test -n \"$MASTER_PORT\" \
+            "test \"$WORLD_SIZE $LOCAL_WORLD_SIZE $LOCAL_RANK $MASTER_ADDR\" = \"3 3 $RANK 127.0.0.1\" && test -n \"$MASTER_PORT\" \
              && test -n \"$GTOPK_JOB_SECRET\" && test -n \"${CHILD_ENV}\" || exit 9; \
              if [ $RANK = 0 ]; then echo '{SUMMARY_TAG}{{\"steps\": 4}}'; fi"
         );

@@ -120,3 +120,29 @@ pub fn train_command(cfg: &Path, how: &str, run: &Path, sets: &[&str]) -> Comman
     }
     cmd
 }
+
+/// Removes every launcher's variables (torchrun's, Open MPI's, MPICH's, Slurm's, the spawner's)
+/// from what `cmd` inherits, as a user's shell on one machine has none.
+pub fn without_launcher(cmd: &mut Command) -> &mut Command {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let launcher = ["OMPI_", "PMI_", "SLURM_", "MPI_LOCAL"]
+            .iter()
+            .any(|p| k.starts_with(p))
+            || [
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_RANK",
+                "LOCAL_WORLD_SIZE",
+                "MASTER_ADDR",
+                "MASTER_PORT",
+                "GTOPK_SPAWNED_BY",
+                "GTOPK_JOB_SECRET",
+            ]
+            .contains(&k.as_ref());
+        if launcher {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd
+}

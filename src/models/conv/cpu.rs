@@ -148,12 +148,28 @@ pub(in crate::models) fn input_grad<T: Elem>(g: &Geometry, dy: &[T], w: &[T]) ->
     })
 }
 
+/// Values all of a weight gradient's partial sums may hold together: 16 MiB of f32.
+const PARTIAL_VALUES: usize = 4 << 20;
+
+/// Most partial sums of a weight gradient: enough runs of groups for the threads of most machines.
+const MAX_PARTIALS: usize = 16;
+
+/// How many partial sums a weight gradient over `count` groups of an `[O, CK]` kernel of `len`
+/// values takes: one per group up to `MAX_PARTIALS`, fewer where they would not fit
+/// `PARTIAL_VALUES` (a large kernel has few groups anyway: its small maps put many samples in each).
+fn weight_grad_partials(count: usize, len: usize) -> usize {
+    (PARTIAL_VALUES / len.max(1)).clamp(1, MAX_PARTIALS).min(count).max(1)
+}
+
 pub(in crate::models) fn weight_grad<T: Elem>(g: &Geometry, x: &[T], dy: &[T]) -> Vec<T> {
     let (ck, l) = (g.ck(), g.l());
     let groups = Groups::of(g);
-    // One partial sum per thread, over a contiguous run of groups, added up at the end.
-    let chunks = groups.count.min(rayon::current_num_threads()).max(1);
+    // Partial sums over contiguous runs of groups, added up in run order at the end. How many runs
+    // depends on the shape alone, never on the thread count, so the sum's grouping (and its bits)
+    // is the same on any pool; the runs then go to the pool's threads.
+    let chunks = weight_grad_partials(groups.count, g.o * ck);
     let per = groups.count.div_ceil(chunks);
+    let chunks = groups.count.div_ceil(per);
     let par = inner_parallelism(chunks);
     // Which way round the product goes changes the gemm crate's blocking. Timed per layer
     // (docs/PERFORMANCE.md): dW^T = col dy^T is up to 1.7x faster for few output channels
