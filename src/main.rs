@@ -11,6 +11,8 @@ use gtopk::train::{self, RunOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+mod closed_pipe;
+
 #[derive(Parser)]
 #[command(
     name = "gtopk",
@@ -392,13 +394,35 @@ fn bench_kernels(op: Op, a: KernelArgs, workers: usize) -> Result<()> {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    // Not for the ranks a parent started: their output goes to that parent, which outlives them.
+    let relay = (!train::spawn::is_child()).then(closed_pipe::install);
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    if let Some(r) = relay {
+        r.finish();
     }
+    std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// How the user started this program, for the hints that tell them what to type next: argv[0] as
+/// they typed it (`gtopk` on PATH, `target/release/gtopk`, or that path under `cargo run`, which
+/// runs the binary it built by its path relative to the project).
+fn invoked_as() -> String {
+    std::env::args_os()
+        .next()
+        .map(|a| shell_word(&a.to_string_lossy()))
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "gtopk".into())
+}
+
+/// The exit status on success: 0, or [`train::interrupt::EXIT_CODE`] for a run stopped by a signal.
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Train {
             config,
@@ -447,22 +471,18 @@ fn run(cli: Cli) -> Result<()> {
             let speaks = s.rank == 0 && !train::spawn::is_child();
             if s.interrupted {
                 if speaks {
-                    let mut again = vec![
-                        "gtopk".to_string(),
-                        "train".into(),
-                        shell_word(&config.to_string_lossy()),
-                    ];
+                    let mut again = vec![invoked_as(), "train".into(), shell_word(&config.to_string_lossy())];
                     again.extend(["--resume".into(), shell_word(&s.run_dir.to_string_lossy())]);
                     for o in &overrides {
                         again.extend(["--set".into(), shell_word(o)]);
                     }
                     eprintln!("interrupted at step {}; resume with: {}", s.steps, again.join(" "));
                 }
-                std::process::exit(train::interrupt::EXIT_CODE);
+                return Ok(train::interrupt::EXIT_CODE);
             }
             let test = s.test.context("the run ended without an evaluation")?;
             if !speaks {
-                return Ok(());
+                return Ok(0);
             }
             let mut summary = serde_json::json!({
                 "run_dir": s.run_dir, "steps": s.steps, "wall_s": s.wall_s,
@@ -647,7 +667,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info => print!("{}", gtopk::info::report()),
         Command::GpuCheck(args) => gpu_check(args)?,
     }
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(not(feature = "cuda"))]

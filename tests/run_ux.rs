@@ -130,7 +130,12 @@ fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_metrics_byte_for_byte()
         .parse()
         .unwrap();
     assert!(step >= at, "{line}");
-    let want = format!("; resume with: gtopk train {c} --resume {}", part.display());
+    // The command as it was run (argv[0]), not a `gtopk` that may not be on PATH.
+    let want = format!(
+        "; resume with: {} train {c} --resume {}",
+        env!("CARGO_BIN_EXE_gtopk"),
+        part.display()
+    );
     assert!(line.contains(&want), "{line}");
     assert!(part.join(format!("checkpoints/step-{step:08}")).is_dir(), "{err}");
 
