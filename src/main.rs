@@ -434,7 +434,13 @@ fn run(cli: Cli) -> Result<i32> {
             launch,
         } => {
             train::interrupt::install()?;
-            let cfg = Config::load(&config, &overrides)?;
+            let (cfg, notes) = Config::load_with_notes(&config, &overrides)?;
+            // The parent of spawned ranks said it already.
+            if !train::spawn::is_child() {
+                for n in notes {
+                    eprintln!("warning: {n}");
+                }
+            }
             let unique = unique_run_dir || (run_dir.is_none() && resume.is_none());
             let run_dir = resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name));
             // The same job for the processes this one may start: the run directory made explicit,
@@ -505,6 +511,13 @@ fn run(cli: Cli) -> Result<i32> {
             checkpoint,
             overrides,
         } => {
+            if let Some(c) = checkpoint.as_ref().filter(|c| !c.exists()) {
+                anyhow::bail!(
+                    "--checkpoint {}: no such file or directory (give a model.safetensors, a checkpoint directory \
+                     or a run directory)",
+                    c.display()
+                );
+            }
             let (config, checkpoint) = if config.is_dir() {
                 (config.join("config.toml"), checkpoint.unwrap_or(config))
             } else {

@@ -245,6 +245,16 @@ fn check_resume(cfg: &Config, dir: &Path, ckpt: PathBuf) -> Result<PathBuf> {
             arch
         );
     }
+    // Refused here, before "resuming": each worker's residual and momentum are in the checkpoint.
+    if let Some(workers) = meta["workers"].as_u64().filter(|&w| w != cfg.dist.workers as u64) {
+        bail!(
+            "--resume {}: checkpoint {} holds the state of {workers} workers but dist.workers = {} (error \
+             feedback keeps a residual per worker, so the number of workers cannot change on resume)",
+            dir.display(),
+            ckpt.display(),
+            cfg.dist.workers
+        );
+    }
     let step = meta["position"]["step"].as_u64().unwrap_or(0);
     eprintln!("resuming {} from step {step} ({})", dir.display(), ckpt.display());
     if meta["fingerprint"].as_u64() != Some(cfg.fingerprint()) {
