@@ -193,6 +193,8 @@ fn resume_names_changed_keys_and_restarts_a_run_without_checkpoints() {
         err.contains("from step 3") && err.contains("train.max_steps: 3 -> 5"),
         "{err}"
     );
+    // The steps this process ran, not the run's step count.
+    assert!(err.contains("done: step 5, 2 steps in"), "{err}");
 
     let empty = d.join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -284,7 +286,8 @@ fn a_run_starts_and_ends_with_lines_a_person_reads() {
     for want in [
         "training tiny (resnet20 on synthetic, 2 workers",
         "aggregation: gtopk (binomial tree",
-        "compression 10",
+        "compression 100x in values, 50x in bytes: a pair is 8 bytes",
+        "50x fewer bytes (a pair is 8 bytes",
         "images/s",
         "done: 12 steps in",
         "test accuracy: final ",
