@@ -13,10 +13,13 @@ use std::path::PathBuf;
 
 mod closed_pipe;
 
+/// `gtopk --version`: the package version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("GTOPK_GIT_COMMIT"), ")");
+
 #[derive(Parser)]
 #[command(
     name = "gtopk",
-    version,
+    version = VERSION,
     about = "Distributed SGD with dense, Top-k and gTop-k gradient aggregation"
 )]
 struct Cli {
@@ -123,6 +126,11 @@ enum Command {
     },
     /// What this binary was built with and the devices, driver and NCCL it finds.
     Info,
+    /// Prints a completion script for a shell, e.g. `gtopk completions bash > ~/.local/share/bash-completion/completions/gtopk`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Check every CUDA kernel against its CPU twin on fresh random data, then time it beside the
     /// bandwidth floor (a cuda build on a GPU machine; see scripts/gpu-check.sh).
     GpuCheck(GpuCheckArgs),
@@ -678,6 +686,10 @@ fn run(cli: Cli) -> Result<i32> {
             }
         }
         Command::Info => print!("{}", gtopk::info::report()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "gtopk", &mut std::io::stdout());
+        }
         Command::GpuCheck(args) => gpu_check(args)?,
     }
     Ok(0)

@@ -440,3 +440,30 @@ fn an_override_at_fault_is_named_not_the_file() {
     );
     assert!(!err.contains("invalid config"), "{err}");
 }
+
+#[test]
+fn version_names_the_commit_and_completions_cover_the_subcommands() {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = gtopk(&["--version"], d);
+    assert_eq!(code, 0, "{err}");
+    // "gtopk 0.1.0 (commit 0123456789ab)", or "unknown" when built outside a git checkout.
+    let commit = out
+        .trim()
+        .strip_prefix(&format!("gtopk {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{out}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = gtopk(&["completions", shell], d);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for sub in ["train", "eval", "plot", "simulate"] {
+            assert!(out.contains(sub), "{shell}: no {sub}");
+        }
+    }
+    let (code, _, err) = gtopk(&["completions", "tcsh"], d);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tcsh"), "{err}");
+}
