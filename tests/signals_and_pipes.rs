@@ -55,20 +55,57 @@ fn assert_checkpointed(run: &Path, step: u64, err: &str) {
     }
 }
 
-const LONG_TCP: &[&str] = &[
-    "--set",
-    "train.epochs=400",
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "dist.backend=tcp",
-];
+/// `[sh -c 'trap "" INT; exec ...'] gtopk train CONFIG --plain --run-dir RUN` for 400 epochs of the
+/// tiny job on `backend`, as the leader of a new process group, stderr into `log`.
+/// `ignoring_sigint`: started as a non-interactive shell starts a background job.
+fn start_long_run(d: &Path, run: &Path, log: &Path, backend: &str, ignoring_sigint: bool) -> Group {
+    let cfg = common::write_config(d);
+    let mut cmd = if ignoring_sigint {
+        let mut c = Command::new("sh");
+        c.args(["-c", "trap '' INT; exec \"$@\"", "sh", env!("CARGO_BIN_EXE_gtopk")]);
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_gtopk"))
+    };
+    let child = cmd
+        .args([
+            "train",
+            cfg.to_str().unwrap(),
+            "--plain",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ])
+        .args(["--set", "train.epochs=400", "--set", "train.log_every=1"])
+        .args(["--set", &format!("dist.backend={backend}")])
+        .current_dir(d)
+        .env("RAYON_NUM_THREADS", "1")
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Group(child)
+}
+
+/// The exit status of a signalled job, which must come within two minutes.
+fn exit_after_signal(job: &mut Group, what: &str) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = job.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{what}: still running after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
 
 #[test]
 fn a_terminal_ctrl_c_at_random_moments_stops_spawned_ranks_with_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cfg = common::write_config(d);
     let seed = 33;
     let mut rng = gtopk::rng::Rng::new(seed);
     for i in 0..20 {
@@ -80,24 +117,8 @@ fn a_terminal_ctrl_c_at_random_moments_stops_spawned_ranks_with_a_checkpoint() {
         let what = format!("try {i} (seed {seed}): SIGINT {delay:?} after the ranks started, twice: {twice}");
         let run = d.join(format!("run{i}"));
         let log = d.join(format!("err{i}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_gtopk"))
-            .args([
-                "train",
-                cfg.to_str().unwrap(),
-                "--plain",
-                "--run-dir",
-                run.to_str().unwrap(),
-            ])
-            .args(LONG_TCP)
-            .current_dir(d)
-            .env("RAYON_NUM_THREADS", "1")
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let pgid = child.id() as i32;
-        let mut job = Group(child);
+        let mut job = start_long_run(d, &run, &log, "tcp", false);
+        let pgid = job.0.id() as i32;
         let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
         wait_for(&what, Duration::from_secs(60), || {
             read_log().contains("rank 1: process")
@@ -110,14 +131,7 @@ fn a_terminal_ctrl_c_at_random_moments_stops_spawned_ranks_with_a_checkpoint() {
                 libc::kill(pgid, libc::SIGINT);
             }
         }
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = job.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "{what}: still running");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let status = exit_after_signal(&mut job, &what);
         let err = read_log();
         assert_eq!(status.code(), Some(130), "{what}\n{err}");
         let (step, _) = resume_line(&err);
@@ -134,45 +148,16 @@ fn a_terminal_ctrl_c_at_random_moments_stops_spawned_ranks_with_a_checkpoint() {
 fn kill_int_from_a_script_stops_in_process_and_spawned_runs_alike() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let cfg = common::write_config(d);
     for backend in ["local", "tcp"] {
         let run = d.join(backend);
         let log = d.join(format!("{backend}.err"));
-        // A non-interactive shell starts background jobs with SIGINT ignored; `trap '' INT` then
-        // `exec` is the same inheritance.
-        let child = Command::new("sh")
-            .args(["-c", "trap '' INT; exec \"$@\"", "sh", env!("CARGO_BIN_EXE_gtopk")])
-            .args([
-                "train",
-                cfg.to_str().unwrap(),
-                "--plain",
-                "--run-dir",
-                run.to_str().unwrap(),
-            ])
-            .args(["--set", "train.epochs=400", "--set", "train.log_every=1"])
-            .args(["--set", &format!("dist.backend={backend}")])
-            .current_dir(d)
-            .env("RAYON_NUM_THREADS", "1")
-            .process_group(0)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let mut job = Group(child);
+        let mut job = start_long_run(d, &run, &log, backend, true);
         let logged_step =
             || std::fs::read_to_string(run.join("metrics.jsonl")).is_ok_and(|t| t.contains("\"step\":2,"));
         wait_for(backend, Duration::from_secs(60), logged_step);
         // SAFETY: signalling the process this test started.
-        unsafe { libc::kill(pid, libc::SIGINT) };
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = job.0.try_wait().unwrap() {
-                break s;
-            }
-            assert!(start.elapsed() < Duration::from_secs(120), "{backend}: SIGINT ignored");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        unsafe { libc::kill(job.0.id() as i32, libc::SIGINT) };
+        let status = exit_after_signal(&mut job, backend);
         let err = std::fs::read_to_string(&log).unwrap();
         assert_eq!(status.code(), Some(130), "{backend}\n{err}");
         let (step, _) = resume_line(&err);
