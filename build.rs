@@ -13,6 +13,7 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    git_commit();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -44,6 +45,34 @@ fn main() {
     }
     table.push_str("];\n");
     fs::write(out.join("kernels.rs"), table).expect("writing $OUT_DIR/kernels.rs");
+}
+
+/// `GTOPK_GIT_COMMIT` for `gtopk --version`: the commit HEAD was at when this was built;
+/// "unknown" outside a git checkout (a source tarball, a copy) or without git. Never a build
+/// failure.
+fn git_commit() {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let commit = git(&["rev-parse", "--short=12", "HEAD"]);
+    if commit.is_some() {
+        // A commit or checkout moves HEAD's log (a worktree's own): rebuild then, not every time.
+        for path in ["HEAD", "logs/HEAD"] {
+            if let Some(p) = git(&["rev-parse", "--git-path", path]) {
+                println!("cargo:rerun-if-changed={p}");
+            }
+        }
+    }
+    println!(
+        "cargo:rustc-env=GTOPK_GIT_COMMIT={}",
+        commit.as_deref().unwrap_or("unknown")
+    );
 }
 
 fn compute_cap() -> u32 {

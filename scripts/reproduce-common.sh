@@ -142,7 +142,8 @@ train() {
 }
 
 # figure OUT.svg RUN_DIR... [plot options]: the SVG, and a PNG beside it where rsvg-convert is
-# installed (Debian: librsvg2-bin).
+# installed (Debian: librsvg2-bin); where it is not, says so rather than leave the PNG missing
+# without a word.
 figure() {
     local svg=$1; shift
     echo "== figure: gtopk plot $* --out $svg"
@@ -150,5 +151,7 @@ figure() {
     gtopk plot "$@" --out "$svg"
     if command -v rsvg-convert >/dev/null; then
         rsvg-convert -w 1200 -b white "$svg" -o "${svg%.svg}.png"
+    else
+        echo "note: no PNG of $svg: rsvg-convert is not installed (Debian/Ubuntu: apt install librsvg2-bin); the SVG opens in any browser" >&2
     fi
 }

@@ -525,8 +525,14 @@ impl Config {
     /// Reads `path`, applies `--set key=value` overrides, and validates. An error that one
     /// override causes names that override, not the file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        Self::load_with_notes(path, overrides).map(|(cfg, _)| cfg)
+    }
+
+    /// [`Config::load`], and the warnings about keys that are set but have no effect (for the
+    /// command line to print once, not for every rank).
+    pub fn load_with_notes(path: &Path, overrides: &[String]) -> Result<(Config, Vec<String>)> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text, overrides).map_err(|e| {
+        Self::parse_with_notes(&text, overrides).map_err(|e| {
             if e.is::<OverrideError>() {
                 e
             } else {
@@ -536,6 +542,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
+        Self::parse_with_notes(text, overrides).map(|(cfg, _)| cfg)
+    }
+
+    fn parse_with_notes(text: &str, overrides: &[String]) -> Result<(Config, Vec<String>)> {
         let file: toml::Table = toml::from_str(text)?;
         let with = |sets: &[String]| -> Result<toml::Table> {
             let mut table = file.clone();
@@ -545,22 +555,41 @@ impl Config {
             Ok(table)
         };
         let read = |t: toml::Table| toml::Value::Table(t).try_into::<Config>();
-        let cfg = match read(with(overrides)?) {
+        // The first override after which `fails` holds, when the file alone does not fail.
+        let culprit = |fails: &dyn Fn(&toml::Table) -> bool| -> Option<&String> {
+            if overrides.is_empty() || fails(&file) {
+                return None;
+            }
+            let n = (1..=overrides.len())
+                .find(|&n| with(&overrides[..n]).is_ok_and(|t| fails(&t)))
+                .unwrap_or(overrides.len());
+            Some(&overrides[n - 1])
+        };
+        let table = with(overrides)?;
+        let cfg = match read(table.clone()) {
             Ok(cfg) => cfg,
             Err(e) => {
-                let msg = with_suggestion(&e.to_string());
-                // The file alone reads: the first override after which it no longer does is at fault.
-                if !overrides.is_empty() && read(file.clone()).is_ok() {
-                    let n = (1..=overrides.len())
-                        .find(|&n| with(&overrides[..n]).map(read).is_ok_and(|r| r.is_err()))
-                        .unwrap_or(overrides.len());
-                    bail!(OverrideError(format!("--set {}: {msg}", overrides[n - 1])));
+                let missing = missing_keys(&table);
+                let msg = if missing.len() > 1 {
+                    format!("missing keys: {}", missing.join(", "))
+                } else {
+                    with_suggestion(&e.to_string())
+                };
+                if let Some(o) = culprit(&|t| read(t.clone()).is_err()) {
+                    bail!(OverrideError(format!("--set {o}: {msg}")));
                 }
                 bail!("{msg}");
             }
         };
-        cfg.validate()?;
-        Ok(cfg)
+        if let Err(e) = cfg.validate() {
+            let invalid = |t: &toml::Table| read(t.clone()).map_or(true, |c| c.validate().is_err());
+            if let Some(o) = culprit(&invalid) {
+                bail!(OverrideError(format!("--set {o}: {e:#}")));
+            }
+            return Err(e);
+        }
+        let notes = ignored_keys(&table, &cfg);
+        Ok((cfg, notes))
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -814,6 +843,124 @@ fn with_suggestion(msg: &str) -> String {
     }
 }
 
+/// Keys that are set and change nothing, as warnings.
+fn ignored_keys(table: &toml::Table, cfg: &Config) -> Vec<String> {
+    let set = |section: &str, key: &str| {
+        table
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key(key))
+    };
+    let mut notes = Vec::new();
+    if cfg.sparse.method == Method::Dense && set("sparse", "density") {
+        notes.push(
+            "sparse.density is set but sparse.method = \"dense\" sends the whole gradient: the density is \
+             ignored (set sparse.method = \"gtopk\" or \"topk\" to use it)"
+                .to_string(),
+        );
+    }
+    notes
+}
+
+/// The table at `path` in `t`, made where absent; None if a value stands in the way.
+fn section_mut<'a>(t: &'a mut toml::Table, path: &[String]) -> Option<&'a mut toml::Table> {
+    path.iter().try_fold(t, |t, part| {
+        t.entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+    })
+}
+
+/// (section path, field) of serde's "missing field `x`" with toml's "in `a.b`" line.
+fn missing_field(msg: &str) -> Option<(Vec<String>, String)> {
+    let field = msg.split("missing field `").nth(1)?.split('`').next()?.to_string();
+    let path = msg
+        .lines()
+        .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+        .map(|p| p.split('.').map(str::to_string).collect())
+        .unwrap_or_default();
+    Some((path, field))
+}
+
+/// Every required key `table` lacks, as `section.key`: serde names one per try, so each one it
+/// names is filled with a value of a type it takes and the table read again. Empty when the
+/// first error is not a missing key.
+fn missing_keys(table: &toml::Table) -> Vec<String> {
+    use toml::Value;
+    let error_of = |t: &toml::Table| {
+        Value::Table(t.clone())
+            .try_into::<Config>()
+            .err()
+            .map(|e| e.to_string())
+    };
+    let mut filled = table.clone();
+    let mut found = Vec::new();
+    // Bounded by the schema's required keys; the limit only guards against a message format change.
+    for _ in 0..64 {
+        let Some((path, field)) = error_of(&filled).as_deref().and_then(missing_field) else {
+            break;
+        };
+        let key = path.iter().chain([&field]).cloned().collect::<Vec<_>>().join(".");
+        found.push(key.clone());
+        let at_key = format!("in `{key}`");
+        let mut placed = false;
+        for guess in [
+            Value::Table(toml::Table::new()),
+            Value::Integer(1),
+            Value::Float(1.0),
+            Value::Boolean(false),
+            Value::String(String::new()),
+        ] {
+            let Some(section) = section_mut(&mut filled, &path) else {
+                break;
+            };
+            section.insert(field.clone(), guess);
+            let Some(now) = error_of(&filled) else {
+                placed = true;
+                break;
+            };
+            // An enum: its first variant, from serde's "expected one of `a`, ...".
+            let variant = (now.contains("unknown variant") && now.contains(&at_key))
+                .then(|| {
+                    now.split("expected one of `")
+                        .nth(1)?
+                        .split('`')
+                        .next()
+                        .map(str::to_string)
+                })
+                .flatten();
+            if let (Some(v), Some(section)) = (variant, section_mut(&mut filled, &path)) {
+                section.insert(field.clone(), Value::String(v));
+                placed = true;
+                break;
+            }
+            let same_key = match missing_field(&now) {
+                Some((p, f)) => p == path && f == field,
+                None => now.contains(&at_key),
+            };
+            if !same_key {
+                placed = true;
+                break;
+            }
+        }
+        if !placed {
+            break;
+        }
+    }
+    // A missing section is named by its keys.
+    let leaves = found
+        .iter()
+        .filter(|k| !found.iter().any(|o| o.starts_with(&format!("{k}."))))
+        .cloned()
+        .collect();
+    leaves
+}
+
+fn looks_like_integer(raw: &str) -> bool {
+    let digits = raw.strip_prefix(['+', '-']).unwrap_or(raw);
+    !digits.is_empty() && digits.chars().all(|c| c.is_ascii_digit() || c == '_')
+}
+
 /// `section.key=value`: the value is read as TOML; a bare word that is not valid TOML is a string.
 fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     let (key, raw) = spec
@@ -823,6 +970,10 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<()> {
     let raw = raw.trim();
     let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => t.remove("v").expect("parsed key v"),
+        // Digits TOML cannot hold are a number too large, not a word.
+        Err(_) if looks_like_integer(raw) => {
+            bail!("--set {spec}: {raw} is too large (integers must lie within ±9223372036854775807)")
+        }
         Err(_) => toml::Value::String(raw.to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -954,6 +1105,54 @@ mod tests {
             saved.contains("dropout = 0.65\n") && !saved.contains("hidden"),
             "{saved}"
         );
+    }
+
+    #[test]
+    fn a_validation_error_an_override_causes_names_it() {
+        let e = Config::parse(BASE, &["train.lr=0.2".into(), "dist.workers=3".into()]).unwrap_err();
+        assert!(e.is::<OverrideError>(), "{e:#}");
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with("--set dist.workers=3: ") && e.contains("not divisible"),
+            "{e}"
+        );
+        // The file is wrong on its own: the file is named (by load), not an override.
+        let e = Config::parse(&BASE.replace("workers = 4", "workers = 3"), &["train.lr=0.2".into()]).unwrap_err();
+        assert!(!e.is::<OverrideError>(), "{e:#}");
+    }
+
+    #[test]
+    fn every_missing_key_is_listed_at_once() {
+        assert_eq!(
+            err("", &[]),
+            "missing keys: model.arch, data.source, train.epochs, train.batch_size, train.lr"
+        );
+        let e = err(
+            "[model]\narch = \"vgg16\"\n[data]\nsource = \"synthetic\"\n[train]\nepochs = 1\n",
+            &[],
+        );
+        assert_eq!(e, "missing keys: train.batch_size, train.lr");
+        // One missing key reads as serde says it.
+        let e = err(&BASE.replace("lr = 0.1", ""), &[]);
+        assert!(e.contains("missing field `lr`"), "{e}");
+    }
+
+    #[test]
+    fn an_integer_too_large_says_so() {
+        let e = err(BASE, &["train.epochs=99999999999999999999"]);
+        assert!(e.contains("too large") && !e.contains("invalid type"), "{e}");
+        // A word is still a string.
+        assert!(err(BASE, &["sparse.method=gtopkk"]).contains("did you mean"));
+    }
+
+    #[test]
+    fn a_density_the_dense_method_ignores_is_noted() {
+        let (_, notes) = Config::parse_with_notes(BASE, &["sparse.density=0.01".into()]).unwrap();
+        assert!(notes.len() == 1 && notes[0].contains("sparse.density"), "{notes:?}");
+        let (_, notes) =
+            Config::parse_with_notes(BASE, &["sparse.density=0.01".into(), "sparse.method=gtopk".into()]).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert!(Config::parse_with_notes(BASE, &[]).unwrap().1.is_empty());
     }
 
     #[test]

@@ -11,10 +11,15 @@ use gtopk::train::{self, RunOptions};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
+mod closed_pipe;
+
+/// `gtopk --version`: the package version and the commit it was built from (build.rs).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("GTOPK_GIT_COMMIT"), ")");
+
 #[derive(Parser)]
 #[command(
     name = "gtopk",
-    version,
+    version = VERSION,
     about = "Distributed SGD with dense, Top-k and gTop-k gradient aggregation"
 )]
 struct Cli {
@@ -122,6 +127,11 @@ enum Command {
     },
     /// What this binary was built with and the devices, driver and NCCL it finds.
     Info,
+    /// Prints a completion script for a shell, e.g. `gtopk completions bash > ~/.local/share/bash-completion/completions/gtopk`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Check every CUDA kernel against its CPU twin on fresh random data, then time it beside the
     /// bandwidth floor (a cuda build on a GPU machine; see scripts/gpu-check.sh).
     GpuCheck(GpuCheckArgs),
@@ -471,13 +481,35 @@ fn bench_kernels(op: Op, a: KernelArgs, workers: usize) -> Result<()> {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    // Not for the ranks a parent started: their output goes to that parent, which outlives them.
+    let relay = (!train::spawn::is_child()).then(closed_pipe::install);
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    if let Some(r) = relay {
+        r.finish();
     }
+    std::process::exit(code);
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// How the user started this program, for the hints that tell them what to type next: argv[0] as
+/// they typed it (`gtopk` on PATH, `target/release/gtopk`, or that path under `cargo run`, which
+/// runs the binary it built by its path relative to the project).
+fn invoked_as() -> String {
+    std::env::args_os()
+        .next()
+        .map(|a| shell_word(&a.to_string_lossy()))
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "gtopk".into())
+}
+
+/// The exit status on success: 0, or [`train::interrupt::EXIT_CODE`] for a run stopped by a signal.
+fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Train {
             config,
@@ -489,7 +521,13 @@ fn run(cli: Cli) -> Result<()> {
             launch,
         } => {
             train::interrupt::install()?;
-            let cfg = Config::load(&config, &overrides)?;
+            let (cfg, notes) = Config::load_with_notes(&config, &overrides)?;
+            // The parent of spawned ranks said it already.
+            if !train::spawn::is_child() {
+                for n in notes {
+                    eprintln!("warning: {n}");
+                }
+            }
             let unique = unique_run_dir || (run_dir.is_none() && resume.is_none());
             let run_dir = resume.clone().or(run_dir).unwrap_or_else(|| default_run_dir(&cfg.name));
             // The same job for the processes this one may start: the run directory made explicit,
@@ -526,22 +564,18 @@ fn run(cli: Cli) -> Result<()> {
             let speaks = s.rank == 0 && !train::spawn::is_child();
             if s.interrupted {
                 if speaks {
-                    let mut again = vec![
-                        "gtopk".to_string(),
-                        "train".into(),
-                        shell_word(&config.to_string_lossy()),
-                    ];
+                    let mut again = vec![invoked_as(), "train".into(), shell_word(&config.to_string_lossy())];
                     again.extend(["--resume".into(), shell_word(&s.run_dir.to_string_lossy())]);
                     for o in &overrides {
                         again.extend(["--set".into(), shell_word(o)]);
                     }
                     eprintln!("interrupted at step {}; resume with: {}", s.steps, again.join(" "));
                 }
-                std::process::exit(train::interrupt::EXIT_CODE);
+                return Ok(train::interrupt::EXIT_CODE);
             }
             let test = s.test.context("the run ended without an evaluation")?;
             if !speaks {
-                return Ok(());
+                return Ok(0);
             }
             let mut summary = serde_json::json!({
                 "run_dir": s.run_dir, "steps": s.steps, "wall_s": s.wall_s,
@@ -564,6 +598,13 @@ fn run(cli: Cli) -> Result<()> {
             checkpoint,
             overrides,
         } => {
+            if let Some(c) = checkpoint.as_ref().filter(|c| !c.exists()) {
+                anyhow::bail!(
+                    "--checkpoint {}: no such file or directory (give a model.safetensors, a checkpoint directory \
+                     or a run directory)",
+                    c.display()
+                );
+            }
             let (config, checkpoint) = if config.is_dir() {
                 (config.join("config.toml"), checkpoint.unwrap_or(config))
             } else {
@@ -743,9 +784,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Info => print!("{}", gtopk::info::report()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "gtopk", &mut std::io::stdout());
+        }
         Command::GpuCheck(args) => gpu_check(args)?,
     }
-    Ok(())
+    Ok(0)
 }
 
 #[cfg(not(feature = "cuda"))]

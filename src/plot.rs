@@ -143,7 +143,7 @@ pub struct Style {
 pub const DEFAULT_METRICS: [&str; 5] = ["loss", "accuracy", "perplexity", "wer", "delta"];
 
 /// The lines of each metric's panel. `required`: a metric no run has is an error (the user named
-/// it); otherwise its panel is left out, with a note.
+/// it); otherwise its panel is left out.
 fn panels<'a>(
     runs: &'a [Run],
     metrics: &'a [String],
@@ -195,12 +195,9 @@ fn y_range(ys: &mut [f64], clip: bool) -> (f64, f64, usize) {
 /// colour the same in every panel, the legend beside the plot (never over a curve).
 /// `required`: see `panels`.
 pub fn plot(runs: &[Run], metrics: &[String], required: bool, x: XAxis, style: Style, out: &Path) -> Result<()> {
+    // A default metric no run has is left out silently: the defaults cover every task, and an
+    // image run has no perplexity to note. A named one is an error in `panels`.
     let mut panels = panels(runs, metrics, x, required)?;
-    for m in metrics {
-        if !panels.iter().any(|(p, _)| *p == m) {
-            eprintln!("note: no run has {m:?}; its panel is left out");
-        }
-    }
     if style.log_y {
         for (_, lines) in &mut panels {
             for line in lines.iter_mut() {

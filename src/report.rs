@@ -6,6 +6,7 @@
 use crate::bench::theory::theory_total_bytes;
 use crate::config::{Arch, Config};
 use crate::sparse::Method;
+use crate::train::header::pair_note;
 use crate::train::{checkpoint, metrics, Summary};
 use anyhow::Result;
 use serde_json::Value;
@@ -50,13 +51,25 @@ pub fn summary(cfg: &Config, s: &Summary) -> Result<String> {
     let records = metrics::read(&s.run_dir)?;
     let epochs: Vec<&Value> = records.iter().filter(|r| r["kind"] == "epoch").collect();
     let mut out = String::new();
-    writeln!(
-        out,
-        "done: {} steps in {} ({})",
-        s.steps,
-        human_time(s.wall_s),
-        s.run_dir.display()
-    )?;
+    if s.start_step > 0 {
+        writeln!(
+            out,
+            "done: step {}, {} steps in {} after resuming from step {} ({})",
+            s.steps,
+            s.steps.saturating_sub(s.start_step),
+            human_time(s.wall_s),
+            s.start_step,
+            s.run_dir.display()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "done: {} steps in {} ({})",
+            s.steps,
+            human_time(s.wall_s),
+            s.run_dir.display()
+        )?;
+    }
     let (key, name, higher) = task_metric(cfg.model.arch);
     let scored: Vec<(u64, f64)> = epochs
         .iter()
@@ -96,9 +109,10 @@ pub fn summary(cfg: &Config, s: &Summary) -> Result<String> {
             format!("dense ring all-reduce of d = {}: {}", s.params, human_bytes(dense))
         } else {
             format!(
-                "dense would have sent {}: {:.0}x less",
+                "dense would have sent {}: {:.0}x fewer bytes ({})",
                 human_bytes(dense),
-                dense / mean
+                dense / mean,
+                pair_note(cfg.sparse.wire)
             )
         };
         writeln!(out, "  sent per worker: {}{spread}; {versus}", human_bytes(mean))?;

@@ -358,3 +358,109 @@ fn every_bad_input_is_refused_clearly() {
         failures.join("\n")
     );
 }
+
+/// (exit code, stderr) of the binary run with `args` in `dir`.
+fn stderr_of(args: &[&str], dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gtopk"))
+        .args(args)
+        .current_dir(dir)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn errors_blame_what_caused_them_and_come_before_the_work_they_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let c = s(&common::write_config(d));
+    let empty = d.join("empty.toml");
+    write(&empty, "");
+    let done = d.join("done");
+    let (code, err) = stderr_of(&refs(&train(&c, &done, &["train.max_steps=1"])), d);
+    assert_eq!(code, 0, "{err}");
+    let ptb = ["model.arch=lstm-ptb", "data.source=ptb", "data.dir=no-ptb"];
+    let an4 = ["model.arch=lstm-an4", "data.source=an4", "data.dir=no-an4"];
+    // (args, what stderr must hold, what it must not)
+    let cases: Vec<(Vec<String>, &[&str], &[&str])> = vec![
+        (
+            train(&c, &d.join("r1"), &["train.lr=0.1", "dist.workers=3"]),
+            &["error: --set dist.workers=3: train.batch_size = 16 is not divisible by dist.workers = 3"],
+            &["invalid config"],
+        ),
+        (
+            vec!["train".into(), s(&empty)],
+            &["missing keys: model.arch, data.source, train.epochs, train.batch_size, train.lr"],
+            &[],
+        ),
+        (
+            train(&c, &d.join("r2"), &["train.epochs=99999999999999999999"]),
+            &["--set train.epochs=99999999999999999999", "too large"],
+            &["invalid type"],
+        ),
+        (
+            vec![
+                "train".into(),
+                c.clone(),
+                "--resume".into(),
+                s(&done),
+                "--set".into(),
+                "dist.workers=1".into(),
+            ],
+            &["holds the state of 2 workers but dist.workers = 1"],
+            &["resuming"],
+        ),
+        (
+            vec!["eval".into(), c.clone(), "--checkpoint".into(), "runs/nope".into()],
+            &["--checkpoint runs/nope: no such file or directory"],
+            &["evaluating"],
+        ),
+        (
+            train(&c, &d.join("r3"), &ptb),
+            &["no-ptb", "scripts/get-data.sh ptb"],
+            &[],
+        ),
+        (
+            train(&c, &d.join("r4"), &an4),
+            &["no-an4", "scripts/get-data.sh an4"],
+            &[],
+        ),
+    ];
+    for (args, want, never) in cases {
+        let (code, err) = stderr_of(&refs(&args), d);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        for w in want {
+            assert!(err.contains(w), "{args:?}: lacks {w:?} in\n{err}");
+        }
+        for n in never {
+            assert!(!err.contains(n), "{args:?}: {n:?} in\n{err}");
+        }
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_density_the_dense_method_ignores_is_warned_about_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let c = s(&common::write_config(d));
+    let sets = ["sparse.density=0.01", "train.max_steps=1", "dist.backend=tcp"];
+    let (code, err) = stderr_of(&refs(&train(&c, &d.join("run"), &sets)), d);
+    assert_eq!(code, 0, "{err}");
+    // Said by the command, not again by each spawned rank.
+    assert_eq!(err.matches("sparse.density is set but").count(), 1, "{err}");
+    let (code, err) = stderr_of(
+        &refs(&train(
+            &c,
+            &d.join("topk"),
+            &["sparse.density=0.01", "sparse.method=topk", "train.max_steps=1"],
+        )),
+        d,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("warning"), "{err}");
+}

@@ -130,7 +130,12 @@ fn ctrl_c_checkpoints_and_resume_gives_the_uninterrupted_metrics_byte_for_byte()
         .parse()
         .unwrap();
     assert!(step >= at, "{line}");
-    let want = format!("; resume with: gtopk train {c} --resume {}", part.display());
+    // The command as it was run (argv[0]), not a `gtopk` that may not be on PATH.
+    let want = format!(
+        "; resume with: {} train {c} --resume {}",
+        env!("CARGO_BIN_EXE_gtopk"),
+        part.display()
+    );
     assert!(line.contains(&want), "{line}");
     assert!(part.join(format!("checkpoints/step-{step:08}")).is_dir(), "{err}");
 
@@ -188,6 +193,8 @@ fn resume_names_changed_keys_and_restarts_a_run_without_checkpoints() {
         err.contains("from step 3") && err.contains("train.max_steps: 3 -> 5"),
         "{err}"
     );
+    // The steps this process ran, not the run's step count.
+    assert!(err.contains("done: step 5, 2 steps in"), "{err}");
 
     let empty = d.join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -279,7 +286,8 @@ fn a_run_starts_and_ends_with_lines_a_person_reads() {
     for want in [
         "training tiny (resnet20 on synthetic, 2 workers",
         "aggregation: gtopk (binomial tree",
-        "compression 10",
+        "compression 100x in values, 50x in bytes: a pair is 8 bytes",
+        "50x fewer bytes (a pair is 8 bytes",
         "images/s",
         "done: 12 steps in",
         "test accuracy: final ",
@@ -301,7 +309,8 @@ fn a_run_starts_and_ends_with_lines_a_person_reads() {
     let svg = d.join("f.svg");
     let (code, _, err) = gtopk(&["plot", r, "--out", svg.to_str().unwrap()], d);
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains("no run has \"delta\""), "{err}");
+    // The defaults are whichever metrics exist: no note for those that do not.
+    assert!(!err.contains("no run has"), "{err}");
     let (code, out, err) = gtopk(&["eval", r], d);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("step-00000012") && err.contains("(step 12)"), "{err}");
@@ -330,6 +339,33 @@ fn a_dense_run_plots_with_the_default_metrics() {
         let text = std::fs::read_to_string(&svg).unwrap();
         assert!(text.contains("loss") && text.contains("accuracy"), "{extra:?}");
     }
+    // The figure scripts' helper, where rsvg-convert is not installed: the SVG, and a word on the
+    // missing PNG. PATH holds only what the sourced script needs besides `gtopk`.
+    let bin = d.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let mkdir = ["/bin/mkdir", "/usr/bin/mkdir"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    std::os::unix::fs::symlink(mkdir.unwrap(), bin.join("mkdir")).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/reproduce-common.sh");
+    let fig = d.join("fig.svg");
+    let out = Command::new("/bin/bash")
+        // Sourced without arguments (it parses and shifts the caller's), so the figure's come by name.
+        .args(["-c", "source \"$SCRIPT\" && figure \"$FIG\" \"$RUN\""])
+        .env_clear()
+        .env("SCRIPT", &script)
+        .env("FIG", &fig)
+        .env("RUN", r)
+        .env("PATH", &bin)
+        .env("GTOPK", env!("CARGO_BIN_EXE_gtopk"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && fig.exists(), "{err}");
+    assert!(
+        err.contains("no PNG of") && err.contains("rsvg-convert is not installed"),
+        "{err}"
+    );
     // A metric named explicitly and missing is still an error.
     let (code, _, err) = gtopk(&["plot", r, "--out", svg.to_str().unwrap(), "--metrics", "delta"], d);
     assert_eq!(code, 1);
@@ -403,4 +439,31 @@ fn an_override_at_fault_is_named_not_the_file() {
         "{err}"
     );
     assert!(!err.contains("invalid config"), "{err}");
+}
+
+#[test]
+fn version_names_the_commit_and_completions_cover_the_subcommands() {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (code, out, err) = gtopk(&["--version"], d);
+    assert_eq!(code, 0, "{err}");
+    // "gtopk 0.1.0 (commit 0123456789ab)", or "unknown" when built outside a git checkout.
+    let commit = out
+        .trim()
+        .strip_prefix(&format!("gtopk {} (commit ", env!("CARGO_PKG_VERSION")))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        commit == "unknown" || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{out}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = gtopk(&["completions", shell], d);
+        assert_eq!(code, 0, "{shell}: {err}");
+        for sub in ["train", "eval", "plot", "simulate"] {
+            assert!(out.contains(sub), "{shell}: no {sub}");
+        }
+    }
+    let (code, _, err) = gtopk(&["completions", "tcsh"], d);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("tcsh"), "{err}");
 }

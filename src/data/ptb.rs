@@ -140,7 +140,8 @@ pub fn load_test(dir: &Path) -> Result<PtbCorpus> {
 fn load_files(dir: &Path, files: &[&str]) -> Result<PtbCorpus> {
     if !dir.is_dir() {
         bail!(
-            "PTB directory {} does not exist (it should hold {}, {} and {} from Mikolov's simple-examples)",
+            "PTB directory {} does not exist (it should hold {}, {} and {} from Mikolov's simple-examples; \
+             scripts/get-data.sh ptb fetches them; data.dir points to it)",
             dir.display(),
             FILES[0],
             FILES[1],

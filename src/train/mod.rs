@@ -75,6 +75,9 @@ pub struct Summary {
     pub run_dir: PathBuf,
     /// Trainable parameters d.
     pub params: usize,
+    /// The step this process began at (a resumed run's checkpoint; 0 for a fresh one): `steps`
+    /// minus this is what this process ran in `wall_s`.
+    pub start_step: u64,
 }
 
 pub fn load_data(cfg: &Config) -> Result<Dataset> {
@@ -151,6 +154,16 @@ struct RunDir {
     resume_from: Option<PathBuf>,
     /// Made by this process for this run: removed again if the run fails before its first step.
     created: bool,
+}
+
+impl RunDir {
+    /// The step this process started from: that of the checkpoint resumed, else 0.
+    fn start_step(&self) -> u64 {
+        self.resume_from
+            .as_deref()
+            .and_then(|d| d.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 /// Creates (or, on resume, reopens) the run directory; refuses to mix two runs in one directory.
@@ -243,6 +256,16 @@ fn check_resume(cfg: &Config, dir: &Path, ckpt: PathBuf) -> Result<PathBuf> {
             ckpt.display(),
             meta["arch"],
             arch
+        );
+    }
+    // Refused here, before "resuming": each worker's residual and momentum are in the checkpoint.
+    if let Some(workers) = meta["workers"].as_u64().filter(|&w| w != cfg.dist.workers as u64) {
+        bail!(
+            "--resume {}: checkpoint {} holds the state of {workers} workers but dist.workers = {} (error \
+             feedback keeps a residual per worker, so the number of workers cannot change on resume)",
+            dir.display(),
+            ckpt.display(),
+            cfg.dist.workers
         );
     }
     let step = meta["position"]["step"].as_u64().unwrap_or(0);
@@ -361,6 +384,7 @@ fn train_spawned(cfg: &Config, opts: &RunOptions) -> Result<Summary> {
             .as_str()
             .map_or_else(|| opts.run_dir.clone(), PathBuf::from),
         params: rank0["params"].as_u64().unwrap_or(0) as usize,
+        start_step: rank0["start_step"].as_u64().unwrap_or(0),
     })
 }
 
@@ -514,6 +538,7 @@ fn train_rank(
         test: out.test,
         wall_s: started.elapsed().as_secs_f64(),
         interrupted: out.interrupted,
+        start_step: run.start_step(),
         run_dir: run.path,
         params: out.params,
     })
@@ -648,6 +673,7 @@ fn train_local(cfg: &Config, opts: &RunOptions, why: &str) -> Result<Summary> {
         test: out.test,
         wall_s: started.elapsed().as_secs_f64(),
         interrupted: out.interrupted,
+        start_step: run.start_step(),
         run_dir: run.path,
         params: out.params,
     })

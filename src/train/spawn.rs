@@ -3,12 +3,16 @@
 //! launcher path. It forwards their output line by line with a "[rank R] " prefix, stops the job
 //! when a rank fails, and hands back rank 0's summary.
 //!
-//! A child cannot portably ask the kernel to kill it when its parent dies. Instead each child holds
-//! the read end of a pipe whose only writer is the parent: end-of-file on its stdin means the parent
-//! is gone (exited, killed), and the child stops at once. The parent uses the same pipe as its
-//! polite "stop" before it resorts to `Child::kill`. A line on the pipe is a stop request instead
-//! (`interrupt`): the parent was asked to stop (Ctrl-C, SIGTERM), and every rank finishes its step
-//! and writes its part of a checkpoint first.
+//! Each child holds the read end of a pipe whose only writer is the parent: end-of-file on its
+//! stdin means the parent is gone (exited, killed), and the child stops at once. The parent uses
+//! the same pipe as its polite "stop" before it resorts to `Child::kill`. A line on the pipe is a
+//! stop request instead (`interrupt`): the parent was asked to stop (Ctrl-C, SIGTERM), and every
+//! rank finishes its step and writes its part of a checkpoint first. On Linux the kernel backs the
+//! pipe up (`PR_SET_PDEATHSIG`): a child whose watcher never ran still dies with its parent.
+//!
+//! A child starts with SIGINT and SIGTERM ignored until its own handlers are in place: a terminal's
+//! Ctrl-C that reaches a rank still starting up would otherwise kill it outright (a failed rank,
+//! not a stopped job), while the parent's "stop" line waits in the pipe for the watcher to read.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -49,7 +53,12 @@ pub fn watch_parent() {
                 Err(_) => break,
             }
         }
-        eprintln!("the job's parent process ({parent}) stopped the job or is gone; stopping");
+        // Not eprintln!: the parent that read this stderr may be gone, and a panic here would
+        // end the watcher instead of the process.
+        let _ = writeln!(
+            std::io::stderr(),
+            "the job's parent process ({parent}) stopped the job or is gone; stopping"
+        );
         std::process::exit(STOPPED);
     });
     if let Err(e) = spawned {
@@ -145,6 +154,7 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
             } else {
                 Stdio::piped()
             });
+        tie_to_parent(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting rank {rank} ({})", o.exe.display()))?;
@@ -194,6 +204,35 @@ pub fn run(o: &SpawnOptions) -> Result<Option<serde_json::Value>> {
         None => "no error message from it (see its output above)".to_string(),
     };
     bail!("rank {rank} of {} failed ({status}): {why}", o.world)
+}
+
+/// The child side of the contract in this module's notes: dies with this process (Linux) and
+/// ignores SIGINT and SIGTERM until `interrupt::install` (a handled signal's disposition is reset by
+/// exec; an ignored one is kept).
+fn tie_to_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec only async-signal-safe calls (signal, prctl, getppid), no
+    // allocation.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+            #[cfg(target_os = "linux")]
+            {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died between fork and prctl: the signal will never come.
+                if libc::getppid() != parent {
+                    libc::_exit(STOPPED);
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = parent;
+            Ok(())
+        });
+    }
 }
 
 /// Polls until every rank has ended. After the first failure, the others are asked to stop and,

@@ -73,7 +73,8 @@ impl Manifest {
     pub fn load(csv_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(csv_path).with_context(|| {
             format!(
-                "AN4 manifest {} cannot be read (missing, or not UTF-8?)",
+                "AN4 manifest {} cannot be read (missing, or not UTF-8? scripts/get-data.sh an4 fetches AN4 \
+                 with its manifests; data.dir points to it)",
                 csv_path.display()
             )
         })?;
