@@ -1,7 +1,7 @@
 //! Collectives over point-to-point messages. Deterministic: the order of every floating-point
 //! addition depends only on (rank, world size, length), never on timing.
 
-use super::{bytes_to_f32s, f32s_to_bytes, Communicator, Traffic};
+use super::{bytes_to_f32s, f32s_as_le_bytes, f32s_to_bytes, Communicator, Traffic};
 use anyhow::{ensure, Context, Result};
 use std::ops::Range;
 
@@ -52,42 +52,39 @@ pub(super) fn ring_all_reduce<C: Communicator + ?Sized>(c: &mut C, buf: &mut [f3
             (rank + 1 + world - (s - (world - 1))) % world
         }
     };
-    // The reduce-scatter adds what comes in; the all-gather copies it, so all ranks end equal.
-    let take = |buf: &mut [f32], s: usize, seg: Range<usize>, got: Vec<f32>| {
-        if s < world - 1 {
-            for (d, g) in buf[seg].iter_mut().zip(got) {
-                *d += g;
-            }
-        } else {
-            buf[seg].copy_from_slice(&got);
-        }
-    };
     for s in 0..steps {
         for seg in segments(&chunks[send_chunk(s)]) {
             if s > 0 {
-                let got = recv_segment(c, left, seg.len())?;
-                take(buf, s - 1, seg.clone(), got);
+                take_segment(c, left, s - 1 < world - 1, &mut buf[seg.clone()])?;
             }
-            c.send(right, &f32s_to_bytes(&buf[seg]))?;
+            c.send(right, &f32s_as_le_bytes(&buf[seg]))?;
         }
     }
     let last = (send_chunk(steps - 1) + world - 1) % world;
     for seg in segments(&chunks[last]) {
-        let got = recv_segment(c, left, seg.len())?;
-        take(buf, steps - 1, seg, got);
+        take_segment(c, left, false, &mut buf[seg])?;
     }
     Ok(())
 }
 
-/// One segment from the left neighbour, checked for its length.
-fn recv_segment<C: Communicator + ?Sized>(c: &mut C, left: usize, len: usize) -> Result<Vec<f32>> {
-    let got = bytes_to_f32s(&c.recv(left)?)?;
+/// One segment from the left neighbour into `dst`: added in the reduce-scatter, copied in the
+/// all-gather (so all ranks end equal). Read from the message's bytes in place: a segment is
+/// touched once on its way in.
+fn take_segment<C: Communicator + ?Sized>(c: &mut C, left: usize, add: bool, dst: &mut [f32]) -> Result<()> {
+    let got = c.recv(left)?;
     ensure!(
-        got.len() == len,
-        "all-reduce: rank {left} sent {} values, expected {len}",
+        got.len() == 4 * dst.len(),
+        "all-reduce: rank {left} sent {} bytes, expected {} values",
         got.len(),
+        dst.len()
     );
-    Ok(got)
+    let values = got.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if add {
+        dst.iter_mut().zip(values).for_each(|(d, g)| *d += g);
+    } else {
+        dst.iter_mut().zip(values).for_each(|(d, g)| *d = g);
+    }
+    Ok(())
 }
 
 /// What `ring_all_reduce` of `len` f32 values counts on `rank`: chunks r, r-1, .. go out in the

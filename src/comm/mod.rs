@@ -226,11 +226,17 @@ fn bytes_to_device_pairs(
 }
 
 pub fn f32s_to_bytes(xs: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(xs.len() * 4);
-    for x in xs {
-        out.extend_from_slice(&x.to_le_bytes());
+    f32s_as_le_bytes(xs).into_owned()
+}
+
+/// `xs` as the wire's little-endian bytes: borrowed, with no copy, where the machine is
+/// little-endian itself.
+pub fn f32s_as_le_bytes(xs: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(xs))
+    } else {
+        std::borrow::Cow::Owned(xs.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
-    out
 }
 
 pub fn bytes_to_f32s(bytes: &[u8]) -> Result<Vec<f32>> {

@@ -621,8 +621,11 @@ fn read_body(s: &mut TcpStream, len: u64) -> io::Result<Vec<u8>> {
         let start = buf.len();
         let target = len.min(start.saturating_mul(2).max(FIRST_CHUNK));
         buf.reserve_exact(target - start);
-        buf.resize(target, 0);
-        s.read_exact(&mut buf[start..])?;
+        // Appended by the read itself, into memory not zeroed first: the bytes are written once.
+        let want = (target - start) as u64;
+        if (&mut *s).take(want).read_to_end(&mut buf)? as u64 != want {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
     }
     Ok(buf)
 }
