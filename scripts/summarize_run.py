@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One line per run directory from its metrics.jsonl: loss at the first and last logged step,
-whether it went down, median samples/s, and the median step split (seconds per step per worker),
-beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
+whether it went down, median samples/s, and the median step split (seconds per step per worker:
+compute, aggregation and its communication part, optimizer, and wait: blocked on other ranks outside
+aggregation), beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
 
     summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--out FILE.md]
 
@@ -56,6 +57,13 @@ def main() -> int:
         "- step split, median seconds per step per worker: "
         + ", ".join(f"{k} {v:.4f}" for k, v in split.items()),
     ]
+    if "wait" in split:
+        lines.append(
+            f"- wait {split['wait']:.4f}: blocked on the other ranks outside aggregation (their turns "
+            "on a shared GPU, the agreement before each aggregation); not counted in aggregation or communication"
+        )
+    else:
+        lines.append("- no wait field in these records (written before it existed): aggregation may include it")
     if a.reference:
         ref = step_records(a.reference) or []
         theirs = {r["step"]: r["loss"] for r in ref}
