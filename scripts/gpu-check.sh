@@ -267,7 +267,7 @@ method_pair() {
     shift
     train_once resnet20 "$name" "$steps_m" "$batch_r" "$@"
     train_once resnet20 "$name-host" "$steps_m" "$batch_r" "$@" --set debug.host_engine=true
-    summarize "$name" --reference "$res/runs/$name-host"
+    summarize "$name" --reference "$res/runs/$name-host" --comparison
 }
 
 gpu_step kernels "$bin" gpu-check --sizes "$sizes" --merge-ks "$merge_ks" --reps "$reps" --out "$res" --dump "$data"

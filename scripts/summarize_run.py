@@ -4,10 +4,11 @@ whether it went down, median samples/s, and the median step split (seconds per s
 compute, aggregation and its communication part, optimizer, and wait: blocked on other ranks outside
 aggregation), beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
 
-    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--out FILE.md]
+    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--comparison] [--out FILE.md]
 
 --reference: another run of the same job (the host engine beside the device engine): the largest
-difference of their losses over the steps both logged.
+difference of their losses over the steps both logged. The exit status is 1 when the loss did not
+go down, unless --comparison (a run too short for that, kept for the comparison alone).
 """
 import argparse
 import json
@@ -32,6 +33,8 @@ def main() -> int:
     ap.add_argument("--torch", type=pathlib.Path, help="a file whose last line is torch_step.py's JSON")
     ap.add_argument("--reference", type=pathlib.Path, help="a run of the same job to compare losses with")
     ap.add_argument("--out", type=pathlib.Path)
+    ap.add_argument("--comparison", action="store_true",
+                    help="a short run kept for its comparison with --reference: exit 0 whether or not the loss went down")
     a = ap.parse_args()
     steps = step_records(a.run_dir)
     if steps is None:
@@ -87,7 +90,7 @@ def main() -> int:
     if a.out:
         with a.out.open("a") as f:
             f.write(text + "\n")
-    return 0 if last["loss"] < first["loss"] else 1
+    return 0 if a.comparison or last["loss"] < first["loss"] else 1
 
 
 if __name__ == "__main__":
