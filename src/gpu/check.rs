@@ -317,9 +317,10 @@ const MAX_BATCH: usize = 1000;
 /// back to back, another event, so a call costs what it costs inside a training step; `batch` is
 /// chosen from a first timed call so that a sample holds at least `MIN_SAMPLE_US`. One select is
 /// 2 memsets and 7 launches, one merge 3 and 11: where queueing them (tens of microseconds) takes
-/// longer than running them, the queued time is the host's. Graph: the same `batch` calls captured
-/// once into a CUDA graph, replayed `reps` times, one event pair around each replay: one submission
-/// for the whole batch, so what remains is the GPU's time. Three warm-up calls first. The stream is
+/// longer than running them, the queued time is the host's. Graph: the calls captured once into a
+/// CUDA graph, replayed `reps` times, one event pair around each replay (`graph_us`): one
+/// submission for the whole batch, so what remains is the GPU's time. Three warm-up calls first.
+/// The stream is
 /// the rank's one stream with event tracking off (`RankGpu`), the mode training runs in.
 fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..3 {
@@ -353,10 +354,22 @@ fn event(gpu: &Gpu) -> Result<cudarc::driver::CudaEvent> {
     Ok(gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
 }
 
-/// Median microseconds per call in a CUDA graph of `batch` calls, replayed `reps` times. Relaxed
-/// capture: nothing else runs on this context meanwhile, and the calls only queue memsets, copies
-/// and launches (no allocation, no host read), all of which a graph records.
+/// Median microseconds per call in a replayed CUDA graph: first of `batch` calls, then, when that
+/// holds less than `MIN_SAMPLE_US` of GPU time (a launch-bound call needs few calls to fill a
+/// queued sample), of as many calls as fill it (at most `MAX_BATCH`).
 fn graph_us(gpu: &Gpu, reps: usize, batch: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let per_call = replay_us(gpu, 3, batch, f)?;
+    let full = ((MIN_SAMPLE_US / per_call.max(1e-3)).ceil() as usize).clamp(1, MAX_BATCH);
+    if full <= batch {
+        return replay_us(gpu, reps, batch, f);
+    }
+    replay_us(gpu, reps, full, f)
+}
+
+/// `batch` calls captured into one graph (relaxed capture: nothing else runs on this context
+/// meanwhile, and the calls only queue memsets, copies and launches, no allocation or host read,
+/// all of which a graph records), replayed `reps` times; the median per call.
+fn replay_us(gpu: &Gpu, reps: usize, batch: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
     let s = &gpu.stream;
     s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .context("beginning a graph capture")?;
@@ -368,10 +381,11 @@ fn graph_us(gpu: &Gpu, reps: usize, batch: usize, f: &mut dyn FnMut() -> Result<
         .context("ending the graph capture")?
         .ok_or_else(|| anyhow!("the capture recorded nothing"))?;
     graph.upload()?;
-    graph.launch()?;
-    gpu.sync()?;
     let mut us = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
+        // A replay queued first keeps the GPU busy while the host records the first event and
+        // submits the timed replay, so the sample holds no idle wait for that submission.
+        graph.launch()?;
         let a = event(gpu)?;
         graph.launch()?;
         let b = event(gpu)?;

@@ -185,8 +185,8 @@ impl Writer {
             "## Kernel timings\n\nCUDA events on the rank's one stream (event tracking off, as in training), 3 warm-up \
              calls, median/p10/p90 over the samples. `queued`: `batch` calls queued back to back between two events \
              (at least 200 us of GPU work a sample), what a training step pays: where queueing a call takes longer \
-             than running it, this is the host's time. `graph`: the same `batch` calls captured once into a CUDA \
-             graph and replayed, the GPU's own time; `x floor` is judged on it when there is one. `floor`: the bytes \
+             than running it, this is the host's time. `graph`: the calls captured once into a CUDA graph (at \
+             least 200 us of GPU work, at most 1000 calls) and replayed behind a first replay, the GPU's own time; `x floor` is judged on it when there is one. `floor`: the bytes \
              the kernel cannot avoid (`floor is`) at the bandwidth of a device-to-device copy of as many bytes in \
              the same run, timed the same way. Rows whose bytes fit the L2 ({:.0} MB here) run from it on repeated \
              calls: their own table.\n\n",
