@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """One line per run directory from its metrics.jsonl: loss at the first and last logged step,
-whether it went down, median samples/s, and the median step split (seconds per step per worker),
-beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
+whether it went down, median samples/s, and the median step split (seconds per step per worker:
+compute, aggregation and its communication part, optimizer, and wait: blocked on other ranks outside
+aggregation), beside a torch_step.py JSON line when given. Used by scripts/gpu-check.sh; plain Python, no deps.
 
-    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--out FILE.md]
+    summarize_run.py RUN_DIR [--torch TORCH_JSON_FILE] [--reference RUN_DIR] [--comparison] [--out FILE.md]
 
 --reference: another run of the same job (the host engine beside the device engine): the largest
-difference of their losses over the steps both logged.
+difference of their losses over the steps both logged. The exit status is 1 when the loss did not
+go down, unless --comparison (a run too short for that, kept for the comparison alone).
 """
 import argparse
 import json
@@ -31,6 +33,8 @@ def main() -> int:
     ap.add_argument("--torch", type=pathlib.Path, help="a file whose last line is torch_step.py's JSON")
     ap.add_argument("--reference", type=pathlib.Path, help="a run of the same job to compare losses with")
     ap.add_argument("--out", type=pathlib.Path)
+    ap.add_argument("--comparison", action="store_true",
+                    help="a short run kept for its comparison with --reference: exit 0 whether or not the loss went down")
     a = ap.parse_args()
     steps = step_records(a.run_dir)
     if steps is None:
@@ -56,6 +60,13 @@ def main() -> int:
         "- step split, median seconds per step per worker: "
         + ", ".join(f"{k} {v:.4f}" for k, v in split.items()),
     ]
+    if "wait" in split:
+        lines.append(
+            f"- wait {split['wait']:.4f}: blocked on the other ranks outside aggregation (their turns "
+            "on a shared GPU, the agreement before each aggregation); not counted in aggregation or communication"
+        )
+    else:
+        lines.append("- no wait field in these records (written before it existed): aggregation may include it")
     if a.reference:
         ref = step_records(a.reference) or []
         theirs = {r["step"]: r["loss"] for r in ref}
@@ -79,7 +90,7 @@ def main() -> int:
     if a.out:
         with a.out.open("a") as f:
             f.write(text + "\n")
-    return 0 if last["loss"] < first["loss"] else 1
+    return 0 if a.comparison or last["loss"] < first["loss"] else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ pub mod comm;
 pub mod config;
 pub mod data;
 pub mod fault;
-#[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod info;
 pub mod models;

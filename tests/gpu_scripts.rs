@@ -43,7 +43,8 @@ fn tar_list(archive: &Path) -> Vec<String> {
 
 /// ResNet-20 on 8x8 images, 8 samples a step: the dry run's training takes seconds.
 const ONLY: &str = "nvidia-smi info kernels train-resnet20 train-resnet20-host torch-resnet20 \
-                    summary-resnet20 summary-resnet20-host bench-select";
+                    summary-resnet20 summary-resnet20-host train-dense train-dense-host summary-dense \
+                    bench-select";
 
 fn gpu_check(out: &Path, budget_s: u32, python: &Path) -> (i32, String, Duration) {
     let t = Instant::now();
@@ -101,14 +102,20 @@ fn the_gpu_check_dry_run_packs_every_step_into_two_files() {
     let (summary, listed) = check_packaging(&out);
     // A binary without `cuda` on the CPU: the GPU-only steps are skipped, the training runs and
     // their summaries are real.
-    for step in ["info", "train-resnet20", "train-resnet20-host"] {
+    for step in [
+        "info",
+        "train-resnet20",
+        "train-resnet20-host",
+        "train-dense",
+        "train-dense-host",
+    ] {
         assert!(
             summary.contains(&format!("| {step} | ok |")),
             "{step}:\n{summary}\n{text}"
         );
     }
     // A few steps on 8x8 noise need not lower the loss: the summaries ran, whatever they found.
-    for step in ["summary-resnet20", "summary-resnet20-host"] {
+    for step in ["summary-resnet20", "summary-resnet20-host", "summary-dense"] {
         assert!(summary.contains(&format!("| {step} | ")), "{step}:\n{summary}");
     }
     assert!(summary.contains("| train-vgg16 | skipped (not in ONLY) |"), "{summary}");
@@ -119,6 +126,12 @@ fn the_gpu_check_dry_run_packs_every_step_into_two_files() {
         );
     }
     assert!(summary.contains("largest loss difference"), "{summary}");
+    // The device-vs-host comparison of another method, and the wait split out of aggregation.
+    assert!(summary.contains("against dense-host"), "{summary}");
+    // A method pair is judged on its comparison, not on a loss that a few steps need not lower.
+    assert!(summary.contains("| summary-dense | ok |"), "{summary}");
+    assert!(summary.contains("- wait "), "{summary}");
+    assert!(summary.contains("NCCL (dist.backend = nccl) is not run"), "{summary}");
     for f in [
         "results/logs/train-resnet20.err",
         "results/runs/resnet20/metrics.jsonl",
@@ -158,6 +171,182 @@ fn a_gpu_check_cut_off_by_its_budget_returns_what_finished() {
     assert!(summary.contains("| info | ok |"), "{summary}");
     assert!(listed.iter().any(|l| l == "results/logs/info.log"), "{listed:?}");
     assert!(summary.contains("not run (time budget)"), "{summary}\n{text}");
+}
+
+/// The steps' shares fit the default budget (8 minutes with the margin for packing), every step
+/// the script runs has one, and they run in order of value: kernels, ResNet-20 against PyTorch,
+/// VGG-16 against PyTorch, torch.topk, then the rest.
+#[test]
+fn the_gpu_check_plan_fits_the_budget_in_order_of_value() {
+    let o = Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .arg("--plan")
+        .output()
+        .unwrap();
+    let (code, text) = outcome(&o);
+    assert_eq!(code, 0, "{text}");
+    let mut plan: Vec<(String, u32)> = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.as_slice() {
+            ["total", t, "of", budget] => total = Some((t.parse::<u32>().unwrap(), budget.parse::<u32>().unwrap())),
+            [name, secs] => plan.push((name.to_string(), secs.parse().unwrap())),
+            _ => panic!("unexpected plan line {line:?}"),
+        }
+    }
+    let (said, budget) = total.expect("a total line");
+    let sum: u32 = plan.iter().map(|(_, s)| s).sum();
+    assert_eq!(said, sum);
+    assert!(
+        sum <= budget && budget <= 450,
+        "{sum} s of shares against a {budget} s budget"
+    );
+    assert!(plan.iter().all(|(_, s)| *s > 0), "{plan:?}");
+    let at = |name: &str| {
+        plan.iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} not in the plan {plan:?}"))
+    };
+    let order = [
+        "info",
+        "kernels",
+        "train-resnet20",
+        "torch-resnet20",
+        "train-vgg16",
+        "torch-vgg16",
+        "torch-topk",
+        "train-dense",
+        "train-rd-host",
+        "bench-select",
+    ];
+    for w in order.windows(2) {
+        assert!(at(w[0]) < at(w[1]), "{} should run before {}: {plan:?}", w[0], w[1]);
+    }
+
+    // Every step the script can run, read from its calls, has a share.
+    let script = std::fs::read_to_string(repo().join("scripts/gpu-check.sh")).unwrap();
+    let mut named = Vec::new();
+    for line in script.lines().map(str::trim_start) {
+        let words: Vec<&str> = line.split_whitespace().map(|w| w.trim_matches('"')).collect();
+        match words.as_slice() {
+            ["step" | "gpu_step" | "torch_step", name, ..] => named.push(name.to_string()),
+            ["train_once", _, name, ..] => named.push(format!("train-{name}")),
+            ["method_pair", name, ..] => named.extend([
+                format!("train-{name}"),
+                format!("train-{name}-host"),
+                format!("summary-{name}"),
+            ]),
+            ["torch_run", model, ..] => named.push(format!("torch-{model}")),
+            ["summarize", name, ..] => named.push(format!("summary-{name}")),
+            _ => {}
+        }
+    }
+    named.retain(|n| !n.contains('$'));
+    named.extend(["bench-merge".to_string(), "bench-scatter".to_string()]);
+    assert!(named.len() > 15, "{named:?}");
+    for n in &named {
+        at(n);
+    }
+}
+
+/// The bundle lives in git-ignored dist/: a device machine gets it only when the tool's carry names
+/// it. Without it the check says so, records it, and stops with 2.
+#[test]
+fn a_missing_bundle_fails_with_the_carry_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("results");
+    let o = Command::new("bash")
+        .arg(repo().join("scripts/gpu-check.sh"))
+        .arg(&out)
+        .arg(dir.path().join("dist/gpu/gtopk"))
+        .output()
+        .unwrap();
+    let (code, text) = outcome(&o);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("carry") && text.contains("git-ignored"), "{text}");
+    assert!(text.contains("scripts/build-cuda.sh --bundle dist/gpu"), "{text}");
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| binary | FAILED: no executable"), "{summary}");
+}
+
+/// Stand-ins for torch_topk.py on a machine without numpy or PyTorch: the calls it makes, on lists.
+const FAKE_NUMPY: &str = r#"import array
+def fromfile(path, dtype):
+    a = array.array('f')
+    a.frombytes(open(path, 'rb').read())
+    return list(a)
+"#;
+const FAKE_TORCH: &str = r#"__version__ = 'stand-in'
+class cuda:
+    @staticmethod
+    def is_available():
+        return False
+class T:
+    def __init__(self, v):
+        self.v = v
+    def to(self, dev):
+        return self
+    def numel(self):
+        return len(self.v)
+    def abs(self):
+        return T([abs(x) for x in self.v])
+def from_numpy(v):
+    return T(v)
+def topk(t, k, sorted=True):
+    return sorted_(t.v)[-k:]
+sorted_ = sorted
+"#;
+
+/// torch_topk.py's two rows (|x| precomputed, and the abs pass in each call), batched as
+/// gpu-check times ours, beside gpu-check's numbers: run on the CPU against stand-in `torch` and
+/// `numpy` modules (neither is installed here). What it measures on a GPU is for the GPU run.
+#[test]
+fn torch_topk_times_both_ways_in_batches_beside_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let fakes = dir.path().join("fakes");
+    std::fs::create_dir_all(fakes.join("torch")).unwrap();
+    std::fs::write(fakes.join("numpy.py"), FAKE_NUMPY).unwrap();
+    std::fs::write(fakes.join("torch/__init__.py"), FAKE_TORCH).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let x: Vec<u8> = (0..3000).flat_map(|i| ((i as f32) - 1500.0).to_le_bytes()).collect();
+    std::fs::write(data.join("x_3000.f32"), x).unwrap();
+    let kernels = dir.path().join("kernels.json");
+    std::fs::write(
+        &kernels,
+        r#"{"timings": [{"kernel": "select (density 0.001)", "n": 3000, "median_us": 40.0, "graph_us": 12.5}]}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let o = Command::new("python3")
+        .arg(repo().join("scripts/torch_topk.py"))
+        .args(["--reps", "3", "--data"])
+        .arg(&data)
+        .arg("--gtopk")
+        .arg(&kernels)
+        .arg("--out")
+        .arg(&out)
+        .env("PYTHONPATH", &fakes)
+        .output()
+        .unwrap();
+    let (code, text) = outcome(&o);
+    assert_eq!(code, 0, "{text}");
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("torch-topk.json")).unwrap()).unwrap();
+    let r = &rows[0];
+    assert_eq!((r["n"].as_u64(), r["k"].as_u64()), (Some(3000), Some(3)));
+    assert_eq!(r["gtopk_select_us"].as_f64(), Some(40.0));
+    assert_eq!(r["gtopk_select_graph_us"].as_f64(), Some(12.5));
+    for key in ["torch_topk_us", "torch_abs_topk_us"] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+    }
+    for key in ["torch_topk_batch", "torch_abs_topk_batch"] {
+        assert!((1..=1000).contains(&r[key].as_u64().unwrap()), "{key}: {r}");
+    }
+    let md = std::fs::read_to_string(out.join("torch-topk.md")).unwrap();
+    assert!(md.contains("abs + topk") && md.contains("| 3000 | 3 |"), "{md}");
+    assert!(md.contains("| 40.0 | 12.5 |"), "{md}");
 }
 
 /// A fake profiler on PATH records how it was called.

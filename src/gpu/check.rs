@@ -1,17 +1,20 @@
 //! `gtopk gpu-check`: every kernel against its CPU twin on fresh random data (with ties, k = 1,
 //! k = d, sizes that are not multiples of a block, NaN and infinite input), then timings with CUDA
-//! events beside the bandwidth floor measured in the same run (a device-to-device copy).
+//! events, queued and as a replayed CUDA graph, beside the bandwidth floor of the bytes each kernel
+//! must touch, measured in the same run (a device-to-device copy). Each row is on disk as soon as
+//! it is made (`report::Writer`).
 
 use super::kernels::Gpu;
 use super::merge::Merger;
+use super::report::{Header, TimeRow, Writer};
 use super::scatter::Count as ScatterCount;
 use super::select::{Outputs, Pass1, Selector};
 use super::set::DeviceSet;
 use crate::rng::Rng;
 use crate::sparse::{accumulate, merge, top_k, SparseSet};
-use anyhow::{Context, Result};
-use cudarc::driver::{sys::CUevent_flags, CudaSlice};
-use serde::Serialize;
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::CudaSlice;
 use std::path::PathBuf;
 
 pub struct CheckOptions {
@@ -28,84 +31,48 @@ pub struct CheckOptions {
     pub device: usize,
 }
 
-#[derive(Serialize)]
-struct CheckRow {
-    kernel: &'static str,
-    n: usize,
-    k: usize,
-    ok: bool,
-    detail: String,
-}
-
-#[derive(Serialize)]
-struct TimeRow {
-    kernel: &'static str,
-    n: usize,
-    k: usize,
-    median_us: f64,
-    p10_us: f64,
-    p90_us: f64,
-    /// Median microseconds of one read of the kernel's main input at the copy's bandwidth.
-    one_read_us: f64,
-    /// Copy bandwidth measured on the same bytes: (read + write) / time.
-    copy_gb_s: f64,
-    /// Calls per timed sample (back to back between two events).
-    batch: usize,
-    /// Bytes the kernel must touch (its inputs read and outputs written once): beside the L2's
-    /// size, whether repeated calls run from the L2 or from HBM.
-    bytes: u64,
-}
-
-#[derive(Serialize)]
-struct Report {
-    device: String,
-    /// The L2 cache in bytes (the device's own report).
-    l2_bytes: u64,
-    seed: u64,
-    checks: Vec<CheckRow>,
-    timings: Vec<TimeRow>,
-}
-
-/// Runs everything; Ok(false) when a comparison failed (the tables say which).
+/// Runs everything, writing each row as it is made (`report::Writer`): a check or timing that
+/// errs or panics is a failed row and the rest still runs. Ok(false) when any check failed (the
+/// tables say which); Err only when the device cannot be opened or the tables cannot be written.
 pub fn run_check(opts: &CheckOptions) -> Result<bool> {
-    let gpu = Gpu::new(&super::RankGpu::open(opts.device)?)?;
-    let device = format!("{} (device {})", gpu.ctx.name()?, opts.device);
-    let l2_bytes =
-        gpu.ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as u64;
-    println!("gpu-check on {device}, seed {}", opts.seed);
-    let mut checks = Vec::new();
+    let rank = super::RankGpu::open(opts.device)?;
+    let gpu = Gpu::new(&rank)?;
+    let header = Header {
+        device: format!("{} (device {})", gpu.ctx.name()?, opts.device),
+        l2_bytes: gpu
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?
+            as u64,
+        seed: opts.seed,
+        memory_pool: rank.pool_report().unwrap_or_else(|e| format!("unreadable ({e:#})")),
+    };
+    println!(
+        "gpu-check on {}, seed {}; memory pool: {}",
+        header.device, header.seed, header.memory_pool
+    );
+    let mut w = Writer::create(opts.out.as_deref(), header)?;
     let mut rng = Rng::new(opts.seed);
     for &n in &opts.sizes {
-        check_select(&gpu, &mut rng, n, &mut checks)?;
-        check_nonfinite(&gpu, &mut rng, n, &mut checks)?;
-        check_scatter(&gpu, &mut rng, n, &mut checks)?;
+        w.attempt("select", n, 0, |w| check_select(&gpu, &mut rng, n, w))?;
+        w.attempt("select NaN/Inf flag", n, 1, |w| check_nonfinite(&gpu, &mut rng, n, w))?;
+        w.attempt("scatter-add", n, (n / 100).max(1), |w| {
+            check_scatter(&gpu, &mut rng, n, w)
+        })?;
     }
     for &k in &opts.merge_ks {
-        check_merge(&gpu, &mut rng, k, &mut checks)?;
+        w.attempt("merge", 2 * k, k, |w| check_merge(&gpu, &mut rng, k, w))?;
     }
-    let mut timings = Vec::new();
     for &n in opts.sizes.iter().filter(|&&n| n >= 100_000) {
-        time_select(&gpu, &mut rng, n, opts, &mut timings)?;
+        w.attempt("timing: select, accumulate, scatter-add", n, 0, |w| {
+            time_select(&gpu, &mut rng, n, opts, w)
+        })?;
     }
     for &k in &opts.merge_ks {
-        time_merge(&gpu, &mut rng, k, opts.reps, &mut timings)?;
+        w.attempt("timing: merge", 2 * k, k, |w| {
+            time_merge(&gpu, &mut rng, k, opts.reps, w)
+        })?;
     }
-    let report = Report {
-        device,
-        l2_bytes,
-        seed: opts.seed,
-        checks,
-        timings,
-    };
-    let table = render(&report);
-    print!("{table}");
-    if let Some(dir) = &opts.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::write(dir.join("kernels.md"), &table)?;
-        std::fs::write(dir.join("kernels.json"), serde_json::to_string_pretty(&report)?)?;
-    }
-    Ok(report.checks.iter().all(|c| c.ok))
+    w.finish()
 }
 
 /// Fresh values: mostly normal, a quarter drawn from a few magnitudes (ties), some tiny. Never zero
@@ -131,19 +98,6 @@ fn ks_for(n: usize) -> Vec<usize> {
         .collect();
     ks.dedup();
     ks
-}
-
-fn push(checks: &mut Vec<CheckRow>, kernel: &'static str, n: usize, k: usize, failure: Option<String>) {
-    if let Some(f) = &failure {
-        eprintln!("MISMATCH {kernel} n={n} k={k}: {f}");
-    }
-    checks.push(CheckRow {
-        kernel,
-        n,
-        k,
-        ok: failure.is_none(),
-        detail: failure.unwrap_or_default(),
-    });
 }
 
 fn first_difference(want: &SparseSet, got: &SparseSet) -> Option<String> {
@@ -172,7 +126,7 @@ fn bits_differ(want: &[f32], got: &[f32]) -> Option<String> {
 
 /// Plain selection, and the fused accumulate + selection that leaves the residual (with momentum
 /// correction at every other k).
-fn check_select(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) -> Result<()> {
+fn check_select(gpu: &Gpu, rng: &mut Rng, n: usize, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let values = fresh(rng, n);
     let grad = fresh(rng, n);
@@ -185,7 +139,7 @@ fn check_select(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) 
         sel.select(gpu, &mut x, n, k, Pass1::Values, Outputs::kept(&mut out))?;
         sel.check_nan(gpu, "select")?;
         let want = top_k(&values, k)?;
-        push(checks, "select", n, k, first_difference(&want, &out.download(s, k)?));
+        w.check("select", n, k, first_difference(&want, &out.download(s, k)?))?;
 
         // Twin: accumulate, top-k of the accumulator, kept entries zeroed.
         let m = (j % 2 == 1).then_some(0.9f32);
@@ -207,23 +161,18 @@ fn check_select(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) 
         let failure = first_difference(&want, &got)
             .or_else(|| bits_differ(&acc, &got_acc).map(|e| format!("residual {e}")))
             .or_else(|| bits_differ(&u, &got_u).map(|e| format!("velocity {e}")));
-        push(
-            checks,
-            if m.is_some() {
-                "accumulate+select (momentum)"
-            } else {
-                "accumulate+select"
-            },
-            n,
-            k,
-            failure,
-        );
+        let name = if m.is_some() {
+            "accumulate+select (momentum)"
+        } else {
+            "accumulate+select"
+        };
+        w.check(name, n, k, failure)?;
     }
     Ok(())
 }
 
 /// A NaN is an error naming the first one, as in the twin; an infinity is reported, not an error.
-fn check_nonfinite(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) -> Result<()> {
+fn check_nonfinite(gpu: &Gpu, rng: &mut Rng, n: usize, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let mut values = fresh(rng, n);
     let at = rng.below(n as u64) as usize;
@@ -254,11 +203,10 @@ fn check_nonfinite(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow
     } else {
         None
     };
-    push(checks, "select NaN/Inf flag", n, 1, failure);
-    Ok(())
+    w.check("select NaN/Inf flag", n, 1, failure)
 }
 
-fn check_scatter(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>) -> Result<()> {
+fn check_scatter(gpu: &Gpu, rng: &mut Rng, n: usize, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let values = fresh(rng, n);
     let k = (n / 100).max(1);
@@ -270,14 +218,7 @@ fn check_scatter(gpu: &Gpu, rng: &mut Rng, n: usize, checks: &mut Vec<CheckRow>)
         set.scatter_add_div(&mut dense, divisor);
         gpu.scatter_add(&dset, ScatterCount::Host(k), divisor, &mut ddense)?;
     }
-    push(
-        checks,
-        "scatter-add",
-        n,
-        k,
-        bits_differ(&dense, &s.clone_dtoh(&ddense)?),
-    );
-    Ok(())
+    w.check("scatter-add", n, k, bits_differ(&dense, &s.clone_dtoh(&ddense)?))
 }
 
 /// Two sets of k pairs over a universe of 3k indices (about a third shared), values with ties.
@@ -290,7 +231,7 @@ fn random_set(rng: &mut Rng, k: usize, universe: usize) -> SparseSet {
     SparseSet::new(idx, val).expect("sorted unique indices")
 }
 
-fn check_merge(gpu: &Gpu, rng: &mut Rng, k: usize, checks: &mut Vec<CheckRow>) -> Result<()> {
+fn check_merge(gpu: &Gpu, rng: &mut Rng, k: usize, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let mut merger = Merger::new(gpu, k)?;
     let mut kept = DeviceSet::with_capacity(s, k)?;
@@ -326,7 +267,7 @@ fn check_merge(gpu: &Gpu, rng: &mut Rng, k: usize, checks: &mut Vec<CheckRow>) -
         let failure = first_difference(&want_kept, &got_kept)
             .or_else(|| first_difference(&want_dropped, &got_dropped).map(|e| format!("dropped {e}")))
             .or_else(|| bits_differ(&residual, &got_residual).map(|e| format!("absorbed residual {e}")));
-        push(checks, name, 2 * k, k, failure);
+        w.check(name, 2 * k, k, failure)?;
     }
     Ok(())
 }
@@ -335,33 +276,63 @@ struct Spread {
     median: f64,
     p10: f64,
     p90: f64,
-    /// Calls queued back to back between the two events of one sample.
-    batch: usize,
 }
 
-/// Below this much GPU time between two events, a sample would measure the launches' submission
-/// and the events' own resolution (about 0.5 us), not the kernels.
+impl Spread {
+    fn of(mut us: Vec<f64>) -> Self {
+        us.sort_by(f64::total_cmp);
+        let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        Spread {
+            median: at(0.5),
+            p10: at(0.1),
+            p90: at(0.9),
+        }
+    }
+}
+
+/// One call's time on both clocks.
+struct Timing {
+    /// Calls queued back to back (what a training step pays).
+    queued: Spread,
+    /// Calls per sample.
+    batch: usize,
+    /// Median per call in a replayed graph of `batch` calls, or why there is none.
+    graph: std::result::Result<f64, String>,
+}
+
+impl Timing {
+    /// The GPU's time where the graph gave one, else the queued median.
+    fn judged(&self) -> f64 {
+        *self.graph.as_ref().unwrap_or(&self.queued.median)
+    }
+}
+
+/// Below this much GPU time between two events, a sample would measure the events' own
+/// resolution (about 0.5 us), not the kernels.
 const MIN_SAMPLE_US: f64 = 200.0;
 /// At most this many calls per sample (small kernels of a few microseconds reach the target).
 const MAX_BATCH: usize = 1000;
 
-/// Microseconds per call: `reps` samples, each a CUDA event, `batch` calls queued back to back,
-/// another event, so a call costs what it costs inside a training step (queued behind the work
-/// before it, never waited for alone). `batch` is chosen from a first timed call so that a sample
-/// holds at least `MIN_SAMPLE_US` of work. Three warm-up calls first. The stream is the rank's one
-/// stream with event tracking off (`RankGpu`), the mode training runs in.
-fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Spread> {
+/// Microseconds per call, two ways. Queued: `reps` samples, each a CUDA event, `batch` calls queued
+/// back to back, another event, so a call costs what it costs inside a training step; `batch` is
+/// chosen from a first timed call so that a sample holds at least `MIN_SAMPLE_US`. One select is
+/// 2 memsets and 7 launches, one merge 3 and 11: where queueing them (tens of microseconds) takes
+/// longer than running them, the queued time is the host's. Graph: the calls captured once into a
+/// CUDA graph, replayed `reps` times, one event pair around each replay (`graph_us`): one
+/// submission for the whole batch, so what remains is the GPU's time. Three warm-up calls first.
+/// The stream is
+/// the rank's one stream with event tracking off (`RankGpu`), the mode training runs in.
+fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..3 {
         f()?;
     }
     gpu.sync()?;
-    let event = || gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
     let sample = |f: &mut dyn FnMut() -> Result<()>, batch: usize| -> Result<f64> {
-        let a = event()?;
+        let a = event(gpu)?;
         for _ in 0..batch {
             f()?;
         }
-        let b = event()?;
+        let b = event(gpu)?;
         b.synchronize()?;
         Ok(a.elapsed_ms(&b)? as f64 * 1e3 / batch as f64)
     };
@@ -371,26 +342,98 @@ fn time_us(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<
     for _ in 0..reps.max(1) {
         us.push(sample(&mut f, batch)?);
     }
-    us.sort_by(f64::total_cmp);
-    let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
-    Ok(Spread {
-        median: at(0.5),
-        p10: at(0.1),
-        p90: at(0.9),
+    let graph = graph_us(gpu, reps, batch, &mut f).map_err(|e| format!("{e:#}"));
+    Ok(Timing {
+        queued: Spread::of(us),
         batch,
+        graph,
     })
 }
 
-/// The floor: a device-to-device copy of `floats` f32 values; returns (one read in us, GB/s).
-fn copy_floor(gpu: &Gpu, floats: usize, reps: usize) -> Result<(f64, f64)> {
-    let src: CudaSlice<f32> = gpu.stream.alloc_zeros(floats)?;
-    let mut dst: CudaSlice<f32> = gpu.stream.alloc_zeros(floats)?;
-    let t = time_us(gpu, reps, || Ok(gpu.stream.memcpy_dtod(&src, &mut dst)?))?;
-    let bytes = 2.0 * 4.0 * floats as f64;
-    Ok((t.median / 2.0, bytes / (t.median * 1e-6) / 1e9))
+fn event(gpu: &Gpu) -> Result<cudarc::driver::CudaEvent> {
+    Ok(gpu.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
 }
 
-fn time_select(gpu: &Gpu, rng: &mut Rng, n: usize, opts: &CheckOptions, rows: &mut Vec<TimeRow>) -> Result<()> {
+/// Median microseconds per call in a replayed CUDA graph: first of `batch` calls, then, when that
+/// holds less than `MIN_SAMPLE_US` of GPU time (a launch-bound call needs few calls to fill a
+/// queued sample), of as many calls as fill it (at most `MAX_BATCH`).
+fn graph_us(gpu: &Gpu, reps: usize, batch: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let per_call = replay_us(gpu, 3, batch, f)?;
+    let full = ((MIN_SAMPLE_US / per_call.max(1e-3)).ceil() as usize).clamp(1, MAX_BATCH);
+    if full <= batch {
+        return replay_us(gpu, reps, batch, f);
+    }
+    replay_us(gpu, reps, full, f)
+}
+
+/// `batch` calls captured into one graph (relaxed capture: nothing else runs on this context
+/// meanwhile, and the calls only queue memsets, copies and launches, no allocation or host read,
+/// all of which a graph records), replayed `reps` times; the median per call.
+fn replay_us(gpu: &Gpu, reps: usize, batch: usize, f: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+    let s = &gpu.stream;
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .context("beginning a graph capture")?;
+    let queued = (0..batch).try_for_each(|_| f());
+    // Ended whatever happened: a stream left capturing would refuse everything after.
+    let graph = s.end_capture(CUgraphInstantiate_flags(0));
+    queued.context("queueing the calls into a graph")?;
+    let graph = graph
+        .context("ending the graph capture")?
+        .ok_or_else(|| anyhow!("the capture recorded nothing"))?;
+    graph.upload()?;
+    let mut us = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        // A replay queued first keeps the GPU busy while the host records the first event and
+        // submits the timed replay, so the sample holds no idle wait for that submission.
+        graph.launch()?;
+        let a = event(gpu)?;
+        graph.launch()?;
+        let b = event(gpu)?;
+        b.synchronize()?;
+        us.push(a.elapsed_ms(&b)? as f64 * 1e3 / batch as f64);
+    }
+    Ok(Spread::of(us).median)
+}
+
+/// The floor of a kernel that must touch `bytes`: a device-to-device copy moving as many bytes
+/// (half read, half written), timed on the same two clocks; the row judges the kernel on the
+/// clock its own time came from.
+fn row(kernel: &str, n: usize, k: usize, t: Timing, floor: &Timing, bytes: u64, floor_is: &str) -> TimeRow {
+    // The floor on the clock the kernel is judged on: both on the graph, or both queued.
+    let floor_us = match (&t.graph, &floor.graph) {
+        (Ok(_), Ok(g)) => *g,
+        _ => floor.queued.median,
+    };
+    let (graph_us, graph_note) = match (&t.graph, &floor.graph) {
+        (Ok(g), Ok(_)) => (Some(*g), None),
+        (Err(e), _) => (None, Some(e.clone())),
+        (Ok(_), Err(e)) => (None, Some(format!("the floor's copy: {e}"))),
+    };
+    TimeRow {
+        kernel: kernel.to_string(),
+        n,
+        k,
+        median_us: t.queued.median,
+        p10_us: t.queued.p10,
+        p90_us: t.queued.p90,
+        batch: t.batch,
+        graph_us,
+        graph_note,
+        floor_us,
+        floor_is: floor_is.to_string(),
+        copy_gb_s: bytes as f64 / (floor.judged() * 1e-6) / 1e9,
+        bytes,
+    }
+}
+
+fn copy_floor(gpu: &Gpu, bytes: u64, reps: usize) -> Result<Timing> {
+    let floats = (bytes as usize / 8).max(1);
+    let src: CudaSlice<f32> = gpu.stream.alloc_zeros(floats)?;
+    let mut dst: CudaSlice<f32> = gpu.stream.alloc_zeros(floats)?;
+    time_us(gpu, reps, || Ok(gpu.stream.memcpy_dtod(&src, &mut dst)?))
+}
+
+fn time_select(gpu: &Gpu, rng: &mut Rng, n: usize, opts: &CheckOptions, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let values = fresh(rng, n);
     let k = ((0.001 * n as f64) as usize).max(1);
@@ -399,28 +442,17 @@ fn time_select(gpu: &Gpu, rng: &mut Rng, n: usize, opts: &CheckOptions, rows: &m
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         std::fs::write(dir.join(format!("x_{n}.f32")), bytes)?;
     }
-    let (one_read, gb_s) = copy_floor(gpu, n, opts.reps)?;
-    let mut row = |kernel, k, t: Spread, reads: f64| {
-        rows.push(TimeRow {
-            kernel,
-            n,
-            k,
-            median_us: t.median,
-            p10_us: t.p10,
-            p90_us: t.p90,
-            one_read_us: one_read * reads,
-            copy_gb_s: gb_s,
-            batch: t.batch,
-            bytes: (reads * 4.0 * n as f64) as u64,
-        })
-    };
+    let (n64, k64) = (n as u64, k as u64);
     let mut sel = Selector::new(gpu, n)?;
     let mut x = s.clone_htod(&values)?;
     let mut out = DeviceSet::with_capacity(s, k)?;
     let t = time_us(gpu, opts.reps, || {
         sel.select(gpu, &mut x, n, k, Pass1::Values, Outputs::kept(&mut out))
     })?;
-    row("select (density 0.001)", k, t, 1.0);
+    let bytes = 4 * n64 + 8 * k64;
+    let floor = copy_floor(gpu, bytes, opts.reps)?;
+    let what = "n floats read, k pairs written";
+    w.timing(row("select (density 0.001)", n, k, t, &floor, bytes, what))?;
 
     let grad = s.clone_htod(&fresh(rng, n))?;
     let t = time_us(gpu, opts.reps, || {
@@ -430,102 +462,35 @@ fn time_select(gpu: &Gpu, rng: &mut Rng, n: usize, opts: &CheckOptions, rows: &m
         };
         sel.select(gpu, &mut x, n, k, pass1, Outputs::kept_and_residual(&mut out))
     })?;
-    // The accumulate alone must read two vectors and write one.
-    row("accumulate+select (0.001)", k, t, 3.0);
+    let bytes = 3 * 4 * n64 + 8 * k64;
+    let floor = copy_floor(gpu, bytes, opts.reps)?;
+    let what = "residual and gradient read, residual written, k pairs written";
+    w.timing(row("accumulate+select (0.001)", n, k, t, &floor, bytes, what))?;
 
+    // The kernel touches k entries of `dense`, the same k on every call: after the first they sit
+    // in the L2, whatever n is. Its floor is those touches, not a read of n floats.
     let mut dense: CudaSlice<f32> = s.alloc_zeros(n)?;
     let t = time_us(gpu, opts.reps, || {
         gpu.scatter_add(&out, ScatterCount::Host(k), 4.0, &mut dense)
     })?;
-    row("scatter-add (0.001)", k, t, 1.0);
-    Ok(())
+    let bytes = 8 * k64 + 2 * 4 * k64;
+    let floor = copy_floor(gpu, bytes, opts.reps)?;
+    let what = "k pairs read, k scattered floats read and written (L2-resident)";
+    w.timing(row("scatter-add (0.001)", n, k, t, &floor, bytes, what))
 }
 
-fn time_merge(gpu: &Gpu, rng: &mut Rng, k: usize, reps: usize, rows: &mut Vec<TimeRow>) -> Result<()> {
+fn time_merge(gpu: &Gpu, rng: &mut Rng, k: usize, reps: usize, w: &mut Writer) -> Result<()> {
     let s = &gpu.stream;
     let a = DeviceSet::upload(s, &random_set(rng, k, 3 * k))?;
     let b = DeviceSet::upload(s, &random_set(rng, k, 3 * k))?;
     let mut merger = Merger::new(gpu, k)?;
     let mut kept = DeviceSet::with_capacity(s, k)?;
     let mut dropped = DeviceSet::with_capacity(s, k)?;
-    let (one_read, gb_s) = copy_floor(gpu, 4 * k, reps)?;
     let t = time_us(gpu, reps, || {
         merger.merge(gpu, &a, k, &b, k, k, &mut kept, &mut dropped)
     })?;
-    rows.push(TimeRow {
-        kernel: "merge",
-        n: 2 * k,
-        k,
-        median_us: t.median,
-        p10_us: t.p10,
-        p90_us: t.p90,
-        one_read_us: one_read,
-        copy_gb_s: gb_s,
-        batch: t.batch,
-        // Two sets of k pairs read, k kept and up to k dropped written.
-        bytes: 4 * 8 * k as u64,
-    });
-    Ok(())
-}
-
-fn render(r: &Report) -> String {
-    let mut t = format!(
-        "## Kernel checks against the CPU twins ({}, seed {})\n\n",
-        r.device, r.seed
-    );
-    t.push_str("| kernel | n | k | result |\n|---|---:|---:|---|\n");
-    for c in &r.checks {
-        let verdict = if c.ok {
-            "identical".to_string()
-        } else {
-            format!("MISMATCH: {}", c.detail)
-        };
-        t.push_str(&format!("| {} | {} | {} | {} |\n", c.kernel, c.n, c.k, verdict));
-    }
-    let passed = r.checks.iter().filter(|c| c.ok).count();
-    t.push_str(&format!("\n{passed} of {} checks identical.\n\n", r.checks.len()));
-    t.push_str(&format!(
-        "## Kernel timings\n\nCUDA events around a batch of calls queued back to back (at least {MIN_SAMPLE_US} us \
-         of work per sample, `batch` calls), on the rank's one stream with event tracking off, as in training; \
-         3 warm-up calls, median, p10 and p90 of the samples. `floor` is the time to read the kernel's main \
-         input once (times the reads it cannot avoid) at the bandwidth of a device-to-device copy of the same \
-         size measured in the same run. Repeated calls on inputs that fit the L2 ({:.0} MB here) run from it, \
-         so those rows and their floors say nothing about HBM: they are kept apart.\n\n",
-        r.l2_bytes as f64 / 1e6
-    ));
-    let resident = |row: &&TimeRow| row.bytes <= r.l2_bytes;
-    for (title, rows) in [
-        (
-            "Inputs larger than the L2 (HBM-bound)",
-            r.timings.iter().filter(|row| !resident(row)).collect::<Vec<_>>(),
-        ),
-        ("Inputs that fit the L2", r.timings.iter().filter(resident).collect()),
-    ] {
-        if rows.is_empty() {
-            continue;
-        }
-        t.push_str(&format!("### {title}\n\n"));
-        t.push_str(
-            "| kernel | n | k | MB touched | batch | median us | p10 | p90 | floor us | x floor | copy GB/s |\n",
-        );
-        t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-        for row in rows {
-            t.push_str(&format!(
-                "| {} | {} | {} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |\n",
-                row.kernel,
-                row.n,
-                row.k,
-                row.bytes as f64 / 1e6,
-                row.batch,
-                row.median_us,
-                row.p10_us,
-                row.p90_us,
-                row.one_read_us,
-                row.median_us / row.one_read_us,
-                row.copy_gb_s
-            ));
-        }
-        t.push('\n');
-    }
-    t
+    let bytes = 4 * 8 * k as u64;
+    let floor = copy_floor(gpu, bytes, reps)?;
+    let what = "two k-sets read, k kept and up to k dropped pairs written";
+    w.timing(row("merge", 2 * k, k, t, &floor, bytes, what))
 }

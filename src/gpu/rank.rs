@@ -11,8 +11,10 @@
 
 use anyhow::{anyhow, Result};
 use candle_core::{CudaDevice, Device};
+use cudarc::driver::result::{device, mem_pool};
+use cudarc::driver::sys::{self, CUmemPool_attribute};
 use cudarc::driver::CudaStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A CUDA device opened by `open`: its own context object and one explicit stream, event tracking
 /// off. Cheap to clone (candle's device is reference-counted).
@@ -32,7 +34,37 @@ impl RankGpu {
         // this device (candle's tensors, our kernels' buffers, NCCL's) is used on it alone, so
         // stream order is all the synchronisation there is to do. Called before any buffer exists.
         unsafe { cuda.disable_event_tracking() };
+        // A pool left at threshold 0 is slower, never wrong: said, not fatal.
+        if let Err(e) = keep_pool(&cuda) {
+            eprintln!(
+                "GPU {ordinal}: warning: cannot set the memory pool's release threshold ({e:#}); freed memory \
+                 goes back to the driver at every synchronisation"
+            );
+        }
+        keep_for_the_process(&cuda);
         Self::adopt(&Device::Cuda(cuda))
+    }
+
+    /// The device's default memory pool (the one cudarc's `malloc_async` draws from): its release
+    /// threshold and what it holds, for the start line and gpu-check's tables.
+    pub fn pool_report(&self) -> Result<String> {
+        let pool = default_pool(self.cuda())?;
+        let attr = |a: CUmemPool_attribute| -> Result<u64> {
+            let mut v = 0u64;
+            // SAFETY: the three attributes read here are u64 (cuMemPoolGetAttribute's table).
+            unsafe { mem_pool::get_attribute(pool, a, (&mut v as *mut u64).cast()) }?;
+            Ok(v)
+        };
+        let threshold = match attr(CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD)? {
+            u64::MAX => "u64::MAX (memory kept between synchronisations)".to_string(),
+            t => format!("{t} bytes (memory above it handed back at every synchronisation)"),
+        };
+        let mb = |a| attr(a).map(|b| b as f64 / 1e6);
+        Ok(format!(
+            "release threshold {threshold}; reserved {:.1} MB now, {:.1} MB at most",
+            mb(CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            mb(CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?
+        ))
     }
 
     /// The rank's GPU behind a candle device that `open` made (a model's device); refuses any
@@ -64,6 +96,42 @@ impl RankGpu {
     pub fn ordinal(&self) -> usize {
         self.stream().context().ordinal()
     }
+}
+
+fn default_pool(cuda: &CudaDevice) -> Result<sys::CUmemoryPool> {
+    let ctx = cuda.cuda_stream().context().clone();
+    ctx.bind_to_thread()?;
+    let dev = ctx.cu_device();
+    // SAFETY: `dev` is the device of a live context.
+    Ok(unsafe { device::get_default_mem_pool(dev) }?)
+}
+
+/// cudarc allocates every buffer (candle's temporaries included) with `cuMemAllocAsync` from the
+/// device's default pool, whose release threshold is 0 by default: every synchronisation hands the
+/// freed memory back to the driver, and the next step maps it again (most of all VGG-16's
+/// activations). u64::MAX keeps it in the pool; it is still released when the process ends.
+fn keep_pool(cuda: &CudaDevice) -> Result<()> {
+    let pool = default_pool(cuda)?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the release threshold is a u64 (cuMemPoolSetAttribute's table); the pointer lives
+    // for the call.
+    unsafe {
+        mem_pool::set_attribute(
+            pool,
+            CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }?;
+    Ok(())
+}
+
+/// One clone of every opened device lives until the process exits and is never dropped: cudarc's
+/// `CudaBlas` and `CudaRng` destroy their handles with `.unwrap()` in `Drop`, which panics after a
+/// sticky CUDA error (an illegal address, a kernel fault) and would unwind over the error being
+/// returned, before `error: ...` is printed. The driver frees the handles when the process ends.
+fn keep_for_the_process(cuda: &CudaDevice) {
+    static KEPT: Mutex<Vec<CudaDevice>> = Mutex::new(Vec::new());
+    KEPT.lock().unwrap_or_else(|e| e.into_inner()).push(cuda.clone());
 }
 
 /// What is wrong with a device whose stream handle is `handle` and whose context tracks buffer

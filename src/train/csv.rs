@@ -12,7 +12,7 @@ pub const FILE: &str = "metrics.csv";
 
 /// The columns: a key of a record, or "time.x" for a field of its `time` object. Per-worker
 /// lists (bytes) are averaged over workers. An absent value is an empty cell.
-pub const COLUMNS: [&str; 23] = [
+pub const COLUMNS: [&str; 24] = [
     "kind",
     "step",
     "epoch",
@@ -27,6 +27,7 @@ pub const COLUMNS: [&str; 23] = [
     "time.aggregation",
     "time.communication",
     "time.optimizer",
+    "time.wait",
     "bytes_sent",
     "delta",
     "train_loss",

@@ -45,10 +45,16 @@ pub fn open(spec: &str, local_rank: usize) -> Result<Device> {
 }
 
 /// The rank's GPU with its one explicit stream (`gpu::RankGpu::open`, shared with the NCCL check,
-/// `gpu-check` and `bench`).
+/// `gpu-check` and `bench`), and its memory pool kept between synchronisations: said on the start
+/// line, so a run's log shows the setting its timings ran under.
 #[cfg(feature = "cuda")]
 fn open_gpu(ordinal: usize) -> Result<Device> {
-    Ok(crate::gpu::RankGpu::open(ordinal)?.device())
+    let gpu = crate::gpu::RankGpu::open(ordinal)?;
+    match gpu.pool_report() {
+        Ok(pool) => eprintln!("GPU {ordinal}: memory pool {pool}"),
+        Err(e) => eprintln!("GPU {ordinal}: memory pool unreadable ({e:#})"),
+    }
+    Ok(gpu.device())
 }
 
 #[cfg(not(feature = "cuda"))]

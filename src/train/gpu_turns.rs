@@ -67,18 +67,21 @@ fn rotation(device: &Device, p: usize, timeout: Duration) -> Vec<Turn> {
 impl Turn {
     /// Waits for this rank's turn, runs `f`, waits for the device, passes the turn on (also when
     /// `f` failed: the others are then stopped by the communicator, not by a turn never passed).
-    pub fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        self.wait()?;
+    /// Also returns how long this rank was blocked waiting for the others' turns: the step's
+    /// `wait`, kept out of its compute time and out of aggregation.
+    pub fn run<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+        let waited = self.wait()?;
         let out = f();
         let synced = self.device.synchronize();
         self.pass();
         let out = out?;
         synced?;
-        Ok(out)
+        Ok((out, waited))
     }
 
-    fn wait(&self) -> Result<()> {
-        let deadline = Instant::now() + self.shared.timeout;
+    fn wait(&self) -> Result<Duration> {
+        let start = Instant::now();
+        let deadline = start + self.shared.timeout;
         let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         while s.next != self.rank {
             let whose = s.next;
@@ -101,7 +104,7 @@ impl Turn {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        Ok(())
+        Ok(start.elapsed())
     }
 
     fn pass(&self) {
@@ -158,6 +161,34 @@ mod tests {
         }
         let want: Vec<_> = (0..rounds).flat_map(|r| (0..p).map(move |k| (r, k))).collect();
         assert_eq!(*log.lock().unwrap(), want);
+    }
+
+    /// The wait a turn reports is the time blocked on the others' turns, not the turn's own work:
+    /// rank 0 (first) waits for nobody although its turn takes 80 ms, and rank 1 waits at least
+    /// from its call until rank 0's work ended.
+    #[test]
+    fn a_turn_reports_the_wait_for_the_others_and_not_its_own_work() {
+        let mut turns = rotation(&Device::Cpu, 2, Duration::from_secs(10));
+        let t1 = turns.pop().unwrap();
+        let t0 = turns.pop().unwrap();
+        let second = std::thread::spawn(move || {
+            let called = Instant::now();
+            let ((), waited) = t1.run(|| Ok(())).unwrap();
+            (called, waited)
+        });
+        let ((), waited0) = t0
+            .run(|| {
+                std::thread::sleep(Duration::from_millis(80));
+                Ok(Instant::now())
+            })
+            .map(|(ended, w)| {
+                let (called, waited1) = second.join().unwrap();
+                let blocked = ended.saturating_duration_since(called);
+                assert!(waited1 >= blocked, "waited {waited1:?}, blocked at least {blocked:?}");
+                ((), w)
+            })
+            .unwrap();
+        assert!(waited0 < Duration::from_millis(40), "{waited0:?}");
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct Window {
     /// The part of `t_aggregate` inside communication calls.
     t_comm: f64,
     t_optimizer: f64,
+    /// Blocked on the other ranks outside aggregation: a turn on a shared GPU, and the agreement
+    /// before each aggregation (where a rank waits for the slowest forward/backward).
+    t_wait: f64,
     last: Traffic,
     total: Traffic,
 }
@@ -38,6 +41,7 @@ impl Default for Window {
             t_aggregate: 0.0,
             t_comm: 0.0,
             t_optimizer: 0.0,
+            t_wait: 0.0,
             last: Traffic::default(),
             total: Traffic::default(),
         }
@@ -65,6 +69,10 @@ impl Window {
 
     pub fn add_optimizer(&mut self, seconds: f64) {
         self.t_optimizer += seconds;
+    }
+
+    pub fn add_wait(&mut self, seconds: f64) {
+        self.t_wait += seconds;
     }
 
     /// The sums that metrics depend on (not the timings), for checkpoints: a resumed run's
@@ -108,7 +116,13 @@ impl Window {
 
     fn to_vec(&self) -> Vec<f64> {
         let mut v = self.snapshot().to_vec();
-        v.extend([self.t_compute, self.t_aggregate, self.t_optimizer, self.t_comm]);
+        v.extend([
+            self.t_compute,
+            self.t_aggregate,
+            self.t_optimizer,
+            self.t_comm,
+            self.t_wait,
+        ]);
         v
     }
 
@@ -123,7 +137,7 @@ impl Window {
             correct: sum(1),
             items: sum(2),
             samples: sum(3),
-            per_step: [9, 10, 11, 12]
+            per_step: [9, 10, 11, 12, 13]
                 .map(|i| col(i).iter().zip(col(4)).map(|(t, s)| t / s.max(1.0)).sum::<f64>() / rows.len() as f64),
             last_sent: ints(5),
             last_recv: ints(6),
@@ -138,9 +152,9 @@ pub struct Gathered {
     correct: f64,
     items: f64,
     pub samples: f64,
-    /// Mean over ranks of seconds per step: compute, aggregation, optimizer, and the communication
-    /// part of aggregation.
-    per_step: [f64; 4],
+    /// Mean over ranks of seconds per step: compute, aggregation, optimizer, the communication
+    /// part of aggregation, and the wait for other ranks outside aggregation.
+    per_step: [f64; 5],
     pub last_sent: Vec<u64>,
     pub last_recv: Vec<u64>,
     pub total_sent: Vec<u64>,
@@ -163,7 +177,7 @@ impl Gathered {
 
     pub fn time_split(&self) -> Value {
         json!({"compute": self.per_step[0], "aggregation": self.per_step[1], "optimizer": self.per_step[2],
-            "communication": self.per_step[3]})
+            "communication": self.per_step[3], "wait": self.per_step[4]})
     }
 }
 
@@ -185,4 +199,47 @@ pub fn gather_f64(comm: &mut dyn Communicator, values: &[f64]) -> Result<Vec<Vec
                 .collect())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::local::LocalComm;
+    use std::time::Duration;
+
+    /// The wait is its own field: a rank blocked 0.3 s over two steps (waiting for the others'
+    /// turns) shows in `wait`, and aggregation and communication stay what the aggregation took.
+    #[test]
+    fn the_wait_for_other_ranks_is_its_own_field_not_aggregation() {
+        let handles: Vec<_> = LocalComm::group(2, Duration::from_secs(10))
+            .into_iter()
+            .map(|mut c| {
+                std::thread::spawn(move || {
+                    let mut w = Window::default();
+                    for _ in 0..2 {
+                        w.add_step(&Stats::default(), 8.0, 0.1);
+                        w.add_aggregation(0.02, 0.01, Traffic::default());
+                        w.add_optimizer(0.005);
+                    }
+                    if c.rank() == 0 {
+                        w.add_wait(0.3);
+                    }
+                    w.gather(&mut c).unwrap().time_split()
+                })
+            })
+            .collect();
+        for h in handles {
+            let t = h.join().unwrap();
+            let close = |key: &str, want: f64| {
+                let got = t[key].as_f64().unwrap();
+                assert!((got - want).abs() < 1e-12, "{key}: {got}, expected {want}: {t}");
+            };
+            // Means over the two ranks of seconds per step.
+            close("wait", 0.3 / 2.0 / 2.0);
+            close("aggregation", 0.02);
+            close("communication", 0.01);
+            close("compute", 0.1);
+            close("optimizer", 0.005);
+        }
+    }
 }

@@ -141,15 +141,15 @@ impl Worker {
         self.turn = Some(turn);
     }
 
-    /// `f` on this worker, in its turn when it has one.
-    fn in_turn<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    /// `f` on this worker, in its turn when it has one; also the seconds spent waiting for it.
+    fn in_turn<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<(T, f64)> {
         match self.turn.take() {
             Some(turn) => {
                 let out = turn.run(|| f(self));
                 self.turn = Some(turn);
-                out
+                out.map(|(out, waited)| (out, waited.as_secs_f64()))
             }
-            None => f(self),
+            None => Ok((f(self)?, 0.0)),
         }
     }
 
@@ -278,13 +278,15 @@ impl Worker {
 
     /// This worker's batch through the task; the gradient goes to the engine.
     /// Also says whether the gradient is finite, and the seconds it took (without the wait for a
-    /// turn on a shared GPU).
+    /// turn on a shared GPU, which goes to the step's `wait`).
     fn forward_backward(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats, f64)> {
-        self.in_turn(|w| {
+        let (out, waited) = self.in_turn(|w| {
             let t0 = Instant::now();
             let (loss, finite, stats) = w.forward_backward_now(order, epoch, s)?;
             Ok((loss, finite, stats, t0.elapsed().as_secs_f64()))
-        })
+        })?;
+        self.window.add_wait(waited);
+        Ok(out)
     }
 
     fn forward_backward_now(&mut self, order: &[usize], epoch: usize, s: usize) -> Result<(f32, bool, Stats)> {
@@ -308,10 +310,14 @@ impl Worker {
     /// Every worker learns whether any worker saw a non-finite loss or gradient (the update is
     /// never applied with one) and whether any was asked to stop, so all stop after the same step.
     /// Returns (apply this step, stop after it).
+    /// The all-gather is where a rank waits for every other rank's forward/backward (on a shared
+    /// GPU, their turns): its time is the step's `wait`, not aggregation.
     fn agree(&mut self, finite: bool) -> Result<(bool, bool)> {
+        let t0 = Instant::now();
         let flags = self
             .comm
             .all_gather(&[finite as u8, super::interrupt::requested() as u8])?;
+        self.window.add_wait(t0.elapsed().as_secs_f64());
         let stop = flags.iter().any(|f| f.get(1) == Some(&1));
         let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r].first() != Some(&1)).collect();
         if bad.is_empty() {
@@ -503,7 +509,7 @@ impl Worker {
         self.model.set_flat_buffers(&bytes_to_f32s(&buf)?)?;
         let (p, r) = (self.comm.world_size(), self.rank());
         let idx: Vec<usize> = (r..self.task.test_len()).step_by(p).collect();
-        let s = self.in_turn(|w| w.task.eval(&w.model, &idx))?;
+        let (s, _) = self.in_turn(|w| w.task.eval(&w.model, &idx))?;
         let mine = [
             s.loss_sum,
             s.correct,
