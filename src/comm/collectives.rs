@@ -1,7 +1,7 @@
 //! Collectives over point-to-point messages. Deterministic: the order of every floating-point
 //! addition depends only on (rank, world size, length), never on timing.
 
-use super::{bytes_to_f32s, f32s_as_le_bytes, f32s_to_bytes, Communicator, Traffic};
+use super::{f32s_as_le_bytes, Communicator, Traffic};
 use anyhow::{ensure, Context, Result};
 use std::ops::Range;
 
