@@ -78,7 +78,9 @@ fn take_segment<C: Communicator + ?Sized>(c: &mut C, left: usize, add: bool, dst
         got.len(),
         dst.len()
     );
-    let values = got.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let values = got
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     if add {
         dst.iter_mut().zip(values).for_each(|(d, g)| *d += g);
     } else {
